@@ -1,0 +1,51 @@
+"""optax_fac: memory-efficient and preconditioned optimizers for Optax.
+
+Composable ``scale_by_*`` transforms and named optimizers (see README.md and
+ALGORITHMS.md for the math of each).
+"""
+
+from optax_fac.alias import adafactor_momentum
+from optax_fac.alias import adam_fallback
+from optax_fac.alias import hfac
+from optax_fac.alias import lion_factor
+from optax_fac.alias import named_optimizer
+from optax_fac.alias import scale_in_float32
+from optax_fac.alias import sign_fsgd
+from optax_fac.factored import FactoredMomentumState
+from optax_fac.factored import FactoredRmsState
+from optax_fac.factored import scale_by_factored_momentum
+from optax_fac.factored import scale_by_factored_rms
+from optax_fac.hfac import HfacState
+from optax_fac.hfac import scale_by_hfac
+from optax_fac.hfac import scale_by_lion_factor
+from optax_fac.hfac import scale_by_sign_fsgd
+from optax_fac.matrix import MatrixView
+from optax_fac.memory import state_elements
+from optax_fac.memory import state_report
+from optax_fac.memory import state_shapes
+from optax_fac.memory import state_size
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'FactoredMomentumState',
+    'FactoredRmsState',
+    'HfacState',
+    'MatrixView',
+    'adafactor_momentum',
+    'adam_fallback',
+    'hfac',
+    'lion_factor',
+    'named_optimizer',
+    'scale_by_factored_momentum',
+    'scale_by_factored_rms',
+    'scale_by_hfac',
+    'scale_by_lion_factor',
+    'scale_by_sign_fsgd',
+    'scale_in_float32',
+    'sign_fsgd',
+    'state_elements',
+    'state_report',
+    'state_shapes',
+    'state_size',
+)

@@ -1,0 +1,254 @@
+"""Named optimizers: a method on the matrices, Adam on the rest (ALGORITHMS.md §0).
+
+Every named optimizer of the library is built by :func:`named_optimizer`:
+
+    partition({'method': <method>, 'fallback': <Adam, float32 stats>}, labels)
+    -> add_decayed_weights(weight_decay, weight_decay_mask)
+    -> scale_by_learning_rate(learning_rate)
+
+so W ← W − η(D + λW) everywhere (decoupled decay multiplied by the learning
+rate, as ``optax.adamw``). A leaf gets the method if the ``mask`` selects it
+and it is a matrix (ndim >= 2, or given a view by ``views``); every other leaf
+(biases, norm scales, masked-out matrices) goes to the fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_fac import _common
+from optax_fac import factored
+from optax_fac import hfac as hfac_lib
+from optax_fac import matrix
+
+METHOD = 'method'
+FALLBACK = 'fallback'
+
+MaskOrFn = Union[None, Any, Callable[[Any], Any]]
+
+
+def scale_in_float32(
+    inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Runs ``inner`` on float32 copies of the updates; returns the input dtype.
+
+  Keeps every statistic of ``inner`` in float32 whatever the parameter dtype
+  (optax.scale_by_adam keeps its second moment in the parameter dtype, where
+  float16 underflows G² and eps to 0).
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def to_f32(tree):
+    def one(x):
+      if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.float32,
+                                    sharding=getattr(x, 'sharding', None))
+      return x.astype(jnp.float32)
+    return jax.tree.map(one, tree)
+
+  def init_fn(params):
+    return inner.init(to_f32(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    params32 = None if params is None else to_f32(params)
+    out, state = inner.update(to_f32(updates), state, params32, **extra_args)
+    out = jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates)
+    return out, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adam_fallback(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                  ) -> optax.GradientTransformationExtraArgs:
+  """The default fallback for non-matrix leaves: Adam with float32 moments."""
+  return scale_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+
+
+def method_labels(mask: MaskOrFn = None, views: matrix.ViewSpec = None
+                  ) -> Callable[[Any], Any]:
+  """A labels function for optax.partition: 'method' or 'fallback' per leaf."""
+
+  def labels(params):
+    views_tree = matrix.resolve_views(params, views, vectors=False)
+    if mask is None:
+      mask_tree = jax.tree.map(lambda _: True, params)
+    else:
+      mask_tree = mask(params) if callable(mask) else mask
+    treedef = jax.tree.structure(params)
+    flat_views = treedef.flatten_up_to(views_tree)
+    flat_mask = treedef.flatten_up_to(mask_tree)
+    flat = [METHOD if (bool(m) and v is not None) else FALLBACK
+            for v, m in zip(flat_views, flat_mask)]
+    return jax.tree.unflatten(treedef, flat)
+
+  return labels
+
+
+def named_optimizer(
+    method: optax.GradientTransformation,
+    *,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float = 0.0,
+    weight_decay_mask: MaskOrFn = None,
+    mask: MaskOrFn = None,
+    views: matrix.ViewSpec = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds a named optimizer: ``method`` on matrices, ``fallback`` elsewhere.
+
+  Args:
+    method: a scale-only transform (no learning rate, no sign flip) for the
+      selected matrix leaves. It must be built with the same ``views``.
+    learning_rate: a float or an optax schedule (η).
+    weight_decay: λ of the decoupled decay W ← W − ηλW (>= 0).
+    weight_decay_mask: which leaves are decayed (optax.add_decayed_weights).
+    mask: which leaves get ``method`` (bool tree or callable of params);
+      None = every matrix leaf. Unselected leaves go to ``fallback``.
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+    fallback: transform for every other leaf; default Adam with float32
+      moments (:func:`adam_fallback`).
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+  """
+  _common.check_nonnegative('learning_rate', learning_rate)
+  _common.check_nonnegative('weight_decay', weight_decay)
+  fallback = adam_fallback() if fallback is None else fallback
+  return optax.chain(
+      optax.partition({METHOD: method, FALLBACK: fallback},
+                      method_labels(mask, views)),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def hfac(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-30,
+    clip_threshold: Optional[float] = 1.0,
+    weight_decay: float = 0.0,
+    weight_decay_mask: MaskOrFn = None,
+    mask: MaskOrFn = None,
+    *,
+    views: matrix.ViewSpec = None,
+    fallback_eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""H-Fac (ALGORITHMS.md §2.1): factored momentum and second moment.
+
+  Matrices get :func:`optax_fac.scale_by_hfac`; other leaves get Adam with
+  the same β1, β2 and ε = ``fallback_eps`` (ε₁ = ``eps`` is added to G² and is
+  far too small for Adam's denominator). W ← W − η(D + λW).
+  Memory: 2(m + n) float32 values per matrix.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_fac
+    >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}
+    >>> tx = optax_fac.hfac(learning_rate=1e-2)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
+  """
+  return named_optimizer(
+      hfac_lib.scale_by_hfac(b1, b2, eps, clip_threshold, views=views),
+      learning_rate=learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask, views=views,
+      fallback=adam_fallback(b1, b2, fallback_eps))
+
+
+def sign_fsgd(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    weight_decay: float = 0.0,
+    weight_decay_mask: MaskOrFn = None,
+    mask: MaskOrFn = None,
+    *,
+    views: matrix.ViewSpec = None,
+    fallback_b2: float = 0.999,
+    fallback_eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""signFSGD (ALGORITHMS.md §2.2): sign descent with factored momentum.
+
+  Matrices get :func:`optax_fac.scale_by_sign_fsgd`; other leaves get Adam
+  (β1, ``fallback_b2``, ``fallback_eps``). Memory m + n per matrix.
+
+  .. note::
+    The paper names signFSGD; the step listing is reconstructed
+    (ALGORITHMS.md §2.2).
+
+  References:
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
+  """
+  return named_optimizer(
+      hfac_lib.scale_by_sign_fsgd(b1, views=views),
+      learning_rate=learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask, views=views,
+      fallback=adam_fallback(b1, fallback_b2, fallback_eps))
+
+
+def lion_factor(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 0.0,
+    weight_decay_mask: MaskOrFn = None,
+    mask: MaskOrFn = None,
+    *,
+    views: matrix.ViewSpec = None,
+    fallback_b2: float = 0.999,
+    fallback_eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LionFactor (ALGORITHMS.md §2.3): Lion's double-β with factored momentum.
+
+  Matrices get :func:`optax_fac.scale_by_lion_factor`; other leaves get Adam
+  (β1, ``fallback_b2``, ``fallback_eps``). Memory m + n per matrix.
+
+  .. note::
+    The paper names LionFactor; its exact form is reconstructed
+    (ALGORITHMS.md §2.3).
+
+  References:
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
+  """
+  return named_optimizer(
+      hfac_lib.scale_by_lion_factor(b1, b2, views=views),
+      learning_rate=learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask, views=views,
+      fallback=adam_fallback(b1, fallback_b2, fallback_eps))
+
+
+def adafactor_momentum(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: Optional[float] = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-30,
+    clip_threshold: Optional[float] = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: MaskOrFn = None,
+    mask: MaskOrFn = None,
+    *,
+    views: matrix.ViewSpec = None,
+    fallback_eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Factored second moment with optional momentum (ALGORITHMS.md §1).
+
+  The base optimizer of AdafacDiag: :func:`optax_fac.scale_by_factored_rms`
+  on matrices (``b1=None`` = without momentum, memory m + n; a float = with
+  momentum on the gradient, memory mn + m + n), Adam on other leaves.
+
+  References:
+    Shazeer & Stern, `Adafactor <https://arxiv.org/abs/1804.04235>`_, 2018;
+    Nguyen et al., `AdaDiag <https://arxiv.org/abs/2502.07488>`_, 2025.
+  """
+  return named_optimizer(
+      factored.scale_by_factored_rms(b1, b2, eps, clip_threshold, views=views),
+      learning_rate=learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask, views=views,
+      fallback=adam_fallback(0.9 if b1 is None else b1, b2, fallback_eps))

@@ -1,0 +1,242 @@
+"""Factored statistics: Adafactor-style second moment and factored momentum.
+
+ALGORITHMS.md §1 (``scale_by_factored_rms``) and §2.4
+(``scale_by_factored_momentum``). Row/column statistics live in the
+parameter's own layout (see :mod:`optax_fac.matrix`) and in float32.
+
+References:
+  Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
+  Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
+  Nguyen et al., `H-Fac: Memory-Efficient Optimization with Factorized Hamiltonian
+  Descent <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
+  Nguyen et al., `Improving Adaptive Moment Optimization via Preconditioner
+  Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025 (App. A.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_fac import _common
+from optax_fac import matrix
+
+
+# --------------------------------------------------------------------------
+# Shared statistics helpers (used by factored RMS, H-Fac and its relatives).
+
+
+def factored_second_moment_update(g32, row, col, view, decay, eps):
+  """EMA of the row/column sums of Z = G² + eps (ALGORITHMS.md §1)."""
+  z = g32 * g32 + eps
+  return (_common.ema(row, view.row_sum(z), decay),
+          _common.ema(col, view.col_sum(z), decay))
+
+
+def inverse_sqrt_factored(row, col, view):
+  """1 / sqrt(V̂) with V̂ = r sᵀ / (1ᵀ r), broadcastable against the leaf.
+
+  Written as sqrt(1ᵀ r) · r^{-1/2} · s^{-1/2} so that V̂ is never
+  materialised: XLA fuses the outer product into the consumer.
+  """
+  total = view.sum_rows_of_row_stat(row)
+  return (jnp.sqrt(total) * jax.lax.rsqrt(view.expand_rows(row))
+          * jax.lax.rsqrt(view.expand_cols(col)))
+
+
+def clip_by_rms(u, view, threshold):
+  """U / max(1, RMS(U) / d), RMS over each matrix (per batch element)."""
+  if threshold is None:
+    return u
+  rms = jnp.sqrt(view.matrix_mean(u * u))
+  return u / jnp.maximum(1.0, rms / threshold)
+
+
+def row_col_means(g32, view):
+  """a = G 1_n / n (per row) and b = Gᵀ 1_m / m (per column)."""
+  return view.row_mean(g32), view.col_mean(g32)
+
+
+def init_row_col(params, views):
+  """Zero float32 row and column statistics for every leaf."""
+  def one(p, view):
+    return (_common.zeros(view.row_stat_shape(p.shape)),
+            _common.zeros(view.col_stat_shape(p.shape)))
+  return _common.map_leaves(one, 2, params, params, views)
+
+
+# --------------------------------------------------------------------------
+# §1 Factored second moment.
+
+
+class FactoredRmsState(NamedTuple):
+  """State of :func:`scale_by_factored_rms`."""
+  count: jax.Array  # shape=(), dtype=jnp.int32.
+  row: Any          # per leaf: row statistic r (float32)
+  col: Any          # per leaf: column statistic s (float32)
+  mu: Any           # per leaf: full first moment M̂, or None without momentum
+
+
+def scale_by_factored_rms(
+    b1: Optional[float] = None,
+    b2: float = 0.999,
+    eps: float = 1e-30,
+    clip_threshold: Optional[float] = None,
+    *,
+    mu_dtype: Any = None,
+    views: matrix.ViewSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adafactor-style factored second moment (ALGORITHMS.md §1).
+
+  With Z = G² + eps, r and s are bias-corrected EMAs (decay ``b2``) of the row
+  and column sums of Z, V̂ = r sᵀ / (1ᵀ r), and the update is
+  D = G / sqrt(V̂) (``b1=None``) or D = M̂ / sqrt(V̂) with M̂ the bias-corrected
+  EMA of the gradient (momentum on the gradient, the "signal-to-noise" form of
+  the AdaDiag paper, App. A.2; optax.adafactor instead takes momentum of the
+  scaled update). Optional clipping D ← D / max(1, RMS(D)/d).
+
+  Leaves with ndim <= 1 are viewed as 1 x N (unfactored RMSprop on them).
+
+  Args:
+    b1: momentum decay, or None for no first moment.
+    b2: second-moment decay (Adam-style EMA with bias correction).
+    eps: ε₁ added to G² (float32).
+    clip_threshold: d for update clipping; None disables it.
+    mu_dtype: dtype of the first moment (default float32).
+    views: per-leaf :class:`optax_fac.MatrixView` override (see
+      :func:`optax_fac.matrix.resolve_views`).
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Shazeer & Stern, `Adafactor <https://arxiv.org/abs/1804.04235>`_, 2018;
+    Nguyen et al., `AdaDiag <https://arxiv.org/abs/2502.07488>`_, 2025.
+  """
+  _common.check_unit_interval('b1', b1, allow_none=True)
+  _common.check_unit_interval('b2', b2)
+  _common.check_nonnegative('eps', eps)
+  _common.check_positive('clip_threshold', clip_threshold, allow_none=True)
+  mu_dtype = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
+
+  def init_fn(params):
+    _common.check_float_params(params, 'scale_by_factored_rms')
+    views_tree = matrix.resolve_views(params, views, vectors=True)
+    row, col = init_row_col(params, views_tree)
+    mu = None if b1 is None else optax.tree.zeros_like(params, dtype=mu_dtype)
+    return FactoredRmsState(count=_common.zero_count(), row=row, col=col,
+                            mu=mu)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    views_tree = matrix.resolve_views(updates, views, vectors=True)
+    _common.check_same_structure(updates, state.row, 'scale_by_factored_rms',
+                                 _common.row_stat_shape, views_tree)
+    count = _common.increment(state.count)
+    beta2 = _common.time_corrected_decay(b2, count)
+    beta1 = None if b1 is None else _common.time_corrected_decay(b1, count)
+    mu_tree = state.mu if b1 is not None else jax.tree.map(
+        lambda _: None, updates)
+
+    def one(g, row, col, mu, view):
+      g32 = _common.f32(g)
+      row, col = factored_second_moment_update(g32, row, col, view, beta2, eps)
+      if beta1 is None:
+        numer, new_mu = g32, None
+      else:
+        new_mu = _common.ema(_common.f32(mu), g32, beta1)
+        numer = new_mu
+        new_mu = new_mu.astype(mu_dtype)
+      d = clip_by_rms(numer * inverse_sqrt_factored(row, col, view), view,
+                      clip_threshold)
+      return d.astype(g.dtype), row, col, new_mu
+
+    d, row, col, mu = _common.map_leaves(
+        one, 4, updates, updates, state.row, state.col, mu_tree, views_tree)
+    return d, FactoredRmsState(count=count, row=row, col=col,
+                               mu=None if b1 is None else mu)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# §2.4 Factored momentum.
+
+
+class FactoredMomentumState(NamedTuple):
+  """State of :func:`scale_by_factored_momentum` (and signFSGD)."""
+  count: jax.Array  # shape=(), dtype=jnp.int32.
+  u: Any            # per leaf: row momentum (EMA of row means a), float32
+  v: Any            # per leaf: column momentum (EMA of column means b)
+
+
+def scale_by_factored_momentum(
+    b1: float = 0.9,
+    *,
+    sign: bool = False,
+    views: matrix.ViewSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rank-1 (row + column) momentum of H-Fac (ALGORITHMS.md §2.4).
+
+  Keeps u, v: EMAs of the gradient's row means a and column means b. With
+  û = u − a and v̂ = v − b (the momentum's row/column component minus the
+  current gradient's own), returns
+
+  * ``sign=False``: the factored heavy-ball direction
+    D = G + ½ β̂1 (û 1ᵀ + 1 v̂ᵀ), with u, v time-corrected EMAs (β̂1);
+  * ``sign=True``: the signFSGD direction
+    D = ½[sign(G + β û 1ᵀ) + sign(G + β 1 v̂ᵀ)], with plain EMAs (§2.2).
+
+  Composes with other transforms, e.g. chained before
+  :func:`scale_by_factored_rms`. Memory m + n per matrix.
+
+  Args:
+    b1: momentum decay β1.
+    sign: return the signFSGD direction instead of the heavy-ball one.
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
+  """
+  _common.check_unit_interval('b1', b1)
+
+  def init_fn(params):
+    _common.check_float_params(params, 'scale_by_factored_momentum')
+    views_tree = matrix.resolve_views(params, views, vectors=True)
+    u, v = init_row_col(params, views_tree)
+    return FactoredMomentumState(count=_common.zero_count(), u=u, v=v)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    views_tree = matrix.resolve_views(updates, views, vectors=True)
+    _common.check_same_structure(updates, state.u,
+                                 'scale_by_factored_momentum',
+                                 _common.row_stat_shape, views_tree)
+    count = _common.increment(state.count)
+    beta = (jnp.asarray(b1, jnp.float32) if sign
+            else _common.time_corrected_decay(b1, count))
+
+    def one(g, u, v, view):
+      g32 = _common.f32(g)
+      a, b = row_col_means(g32, view)
+      u = _common.ema(u, a, beta)
+      v = _common.ema(v, b, beta)
+      u_hat = view.expand_rows(u - a)
+      v_hat = view.expand_cols(v - b)
+      if sign:
+        d = 0.5 * (jnp.sign(g32 + beta * u_hat) + jnp.sign(g32 + beta * v_hat))
+      else:
+        d = g32 + 0.5 * beta * (u_hat + v_hat)
+      return d.astype(g.dtype), u, v
+
+    d, u, v = _common.map_leaves(one, 3, updates, updates, state.u, state.v,
+                                 views_tree)
+    return d, FactoredMomentumState(count=count, u=u, v=v)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

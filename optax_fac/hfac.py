@@ -1,0 +1,189 @@
+"""H-Fac, signFSGD and LionFactor: factored (rank-1 row/column) momentum.
+
+ALGORITHMS.md §2. The named optimizers ``hfac``, ``sign_fsgd`` and
+``lion_factor`` are in :mod:`optax_fac.alias`.
+
+References:
+  Nguyen, Chen, Liu, Liu, `H-Fac: Memory-Efficient Optimization with
+  Factorized Hamiltonian Descent <https://arxiv.org/abs/2406.09958>`_,
+  AISTATS 2025.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_fac import _common
+from optax_fac import factored
+from optax_fac import matrix
+from optax_fac.factored import FactoredMomentumState
+
+
+class HfacState(NamedTuple):
+  """State of :func:`scale_by_hfac`: 2(m + n) float32 values per matrix."""
+  count: jax.Array  # shape=(), dtype=jnp.int32.
+  u: Any            # per leaf: row momentum (time-corrected EMA of row means)
+  v: Any            # per leaf: column momentum
+  row: Any          # per leaf: r, EMA of row sums of G² + eps
+  col: Any          # per leaf: s, EMA of column sums of G² + eps
+
+
+def scale_by_hfac(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-30,
+    clip_threshold: Optional[float] = 1.0,
+    *,
+    views: matrix.ViewSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""H-Fac: factored momentum plus factored second moment (ALGORITHMS.md §2.1).
+
+  Each step t, with time-corrected decays β̂1, β̂2, row/column means a, b of G:
+
+  1. u ← β̂1 u + (1−β̂1) a;  v ← β̂1 v + (1−β̂1) b.
+  2. r, s ← EMAs (β̂2) of the row/column sums of Z = G² + eps.
+  3. U = G / sqrt(V̂), V̂ = r sᵀ / (1ᵀ r);  Û = U / max(1, RMS(U)/d).
+  4. φ_ij = β̂1 (u_i − a_i) / sqrt(r_i / n);  ψ_ij = β̂1 (v_j − b_j) / sqrt(s_j / m).
+  5. D = ½(φ + ψ) + Û.
+
+  At t = 1, β̂1 = 0 and D = Û (a clipped Adafactor step). The step listing
+  is a third-party transcription of the paper's algorithm, consistent with
+  the AdaDiag paper's prose (App. A.2); the defaults are our choice.
+
+  Args:
+    b1: momentum decay β1.
+    b2: second-moment decay β2.
+    eps: ε₁ added to G² (float32).
+    clip_threshold: d in Û = U / max(1, RMS(U)/d); None disables clipping.
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
+  """
+  _common.check_unit_interval('b1', b1)
+  _common.check_unit_interval('b2', b2)
+  _common.check_nonnegative('eps', eps)
+  _common.check_positive('clip_threshold', clip_threshold, allow_none=True)
+
+  def init_fn(params):
+    _common.check_float_params(params, 'scale_by_hfac')
+    views_tree = matrix.resolve_views(params, views, vectors=True)
+    u, v = factored.init_row_col(params, views_tree)
+    row, col = factored.init_row_col(params, views_tree)
+    return HfacState(count=_common.zero_count(), u=u, v=v, row=row, col=col)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    views_tree = matrix.resolve_views(updates, views, vectors=True)
+    _common.check_same_structure(updates, state.row, 'scale_by_hfac',
+                                 _common.row_stat_shape, views_tree)
+    count = _common.increment(state.count)
+    beta1 = _common.time_corrected_decay(b1, count)
+    beta2 = _common.time_corrected_decay(b2, count)
+
+    def one(g, u, v, row, col, view):
+      m, n = view.dims(g.shape)
+      g32 = _common.f32(g)
+      a, b = factored.row_col_means(g32, view)
+      u = _common.ema(u, a, beta1)
+      v = _common.ema(v, b, beta1)
+      row, col = factored.factored_second_moment_update(
+          g32, row, col, view, beta2, eps)
+      u_clipped = factored.clip_by_rms(
+          g32 * factored.inverse_sqrt_factored(row, col, view), view,
+          clip_threshold)
+      phi = beta1 * (u - a) * jax.lax.rsqrt(row / n)
+      psi = beta1 * (v - b) * jax.lax.rsqrt(col / m)
+      d = (0.5 * (view.expand_rows(phi) + view.expand_cols(psi))
+           + u_clipped)
+      return d.astype(g.dtype), u, v, row, col
+
+    d, u, v, row, col = _common.map_leaves(
+        one, 5, updates, updates, state.u, state.v, state.row, state.col,
+        views_tree)
+    return d, HfacState(count=count, u=u, v=v, row=row, col=col)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_sign_fsgd(
+    b1: float = 0.9,
+    *,
+    views: matrix.ViewSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""signFSGD direction (ALGORITHMS.md §2.2).
+
+  u ← β u + (1−β) a;  v ← β v + (1−β) b (plain EMAs);
+  D = ½[sign(G + β (u − a) 1ᵀ) + sign(G + β 1 (v − b)ᵀ)].
+
+  .. note::
+    The H-Fac paper names signFSGD but its listing is reconstructed here
+    (ALGORITHMS.md §2.2), not transcribed.
+
+  References:
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
+  """
+  return factored.scale_by_factored_momentum(b1, sign=True, views=views)
+
+
+def scale_by_lion_factor(
+    b1: float = 0.9,
+    b2: float = 0.99,
+    *,
+    views: matrix.ViewSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LionFactor direction (ALGORITHMS.md §2.3): double-β factored momentum.
+
+  With u, v from the previous step:
+  c_row = G + β1 (u − a) 1ᵀ;  c_col = G + β1 1 (v − b)ᵀ;
+  D = ½[sign(c_row) + sign(c_col)];  then u ← β2 u + (1−β2) a,
+  v ← β2 v + (1−β2) b.
+
+  .. note::
+    The paper names LionFactor ("double-β, like Lion"); the exact form here
+    is reconstructed (ALGORITHMS.md §2.3).
+
+  References:
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025;
+    Chen et al., `Symbolic Discovery of Optimization Algorithms (Lion)
+    <https://arxiv.org/abs/2302.06675>`_, 2023.
+  """
+  _common.check_unit_interval('b1', b1)
+  _common.check_unit_interval('b2', b2)
+
+  def init_fn(params):
+    _common.check_float_params(params, 'scale_by_lion_factor')
+    views_tree = matrix.resolve_views(params, views, vectors=True)
+    u, v = factored.init_row_col(params, views_tree)
+    return FactoredMomentumState(count=_common.zero_count(), u=u, v=v)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    views_tree = matrix.resolve_views(updates, views, vectors=True)
+    _common.check_same_structure(updates, state.u, 'scale_by_lion_factor',
+                                 _common.row_stat_shape, views_tree)
+    beta1 = jnp.asarray(b1, jnp.float32)
+    beta2 = jnp.asarray(b2, jnp.float32)
+
+    def one(g, u, v, view):
+      g32 = _common.f32(g)
+      a, b = factored.row_col_means(g32, view)
+      c_row = g32 + beta1 * view.expand_rows(u - a)
+      c_col = g32 + beta1 * view.expand_cols(v - b)
+      d = 0.5 * (jnp.sign(c_row) + jnp.sign(c_col))
+      return (d.astype(g.dtype), _common.ema(u, a, beta2),
+              _common.ema(v, b, beta2))
+
+    d, u, v = _common.map_leaves(one, 3, updates, updates, state.u, state.v,
+                                 views_tree)
+    return d, FactoredMomentumState(count=_common.increment(state.count), u=u,
+                                    v=v)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
