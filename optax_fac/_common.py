@@ -154,6 +154,16 @@ def zeros(shape: Sequence[int], dtype=STATS_DTYPE) -> jax.Array:
   return jnp.zeros(tuple(shape), dtype)
 
 
+def zeros_like_result(fn: Callable[[Any], jax.Array], x: Any) -> jax.Array:
+  """Zeros with the shape, dtype and sharding ``fn(x)`` would have.
+
+  Built through ``jax.eval_shape`` so that, under sharding-in-types, a reduced
+  statistic inherits the sharding the update step will give it (the trick of
+  optax's factorized.py); works on ``jax.ShapeDtypeStruct`` too.
+  """
+  return jnp.zeros_like(jax.eval_shape(fn, x))
+
+
 # --------------------------------------------------------------------------
 # Per-leaf maps over several trees with one treedef.
 

@@ -117,12 +117,34 @@ def named_optimizer(
   _common.check_nonnegative('learning_rate', learning_rate)
   _common.check_nonnegative('weight_decay', weight_decay)
   fallback = adam_fallback() if fallback is None else fallback
-  return optax.chain(
+  return checked(optax.chain(
       optax.partition({METHOD: method, FALLBACK: fallback},
                       method_labels(mask, views)),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
-  )
+  ))
+
+
+def checked(tx: optax.GradientTransformation
+            ) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``tx`` with the input checks every named optimizer makes.
+
+  ``init`` rejects non-floating parameters (naming the leaf); ``update``
+  rejects an updates tree whose structure differs from the params seen at
+  init. The state is ``tx``'s own (nothing is added).
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def init_fn(params):
+    _common.check_float_params(params, 'optax_fac optimizer init')
+    return tx.init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is not None:
+      _common.check_same_structure(updates, params, 'optax_fac optimizer update')
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def hfac(

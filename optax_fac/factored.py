@@ -63,8 +63,8 @@ def row_col_means(g32, view):
 def init_row_col(params, views):
   """Zero float32 row and column statistics for every leaf."""
   def one(p, view):
-    return (_common.zeros(view.row_stat_shape(p.shape)),
-            _common.zeros(view.col_stat_shape(p.shape)))
+    return (_common.zeros_like_result(lambda x: view.row_sum(_common.f32(x)), p),
+            _common.zeros_like_result(lambda x: view.col_sum(_common.f32(x)), p))
   return _common.map_leaves(one, 2, params, params, views)
 
 
