@@ -24,6 +24,11 @@ from optax_fac.memory import state_elements
 from optax_fac.memory import state_report
 from optax_fac.memory import state_shapes
 from optax_fac.memory import state_size
+from optax_fac.sharding import LeafInfo
+from optax_fac.sharding import register_state_rule
+from optax_fac.sharding import state_partition_report
+from optax_fac.sharding import state_partition_specs
+from optax_fac.sharding import state_shardings
 
 __version__ = '0.1.0'
 
@@ -31,12 +36,14 @@ __all__ = (
     'FactoredMomentumState',
     'FactoredRmsState',
     'HfacState',
+    'LeafInfo',
     'MatrixView',
     'adafactor_momentum',
     'adam_fallback',
     'hfac',
     'lion_factor',
     'named_optimizer',
+    'register_state_rule',
     'scale_by_factored_momentum',
     'scale_by_factored_rms',
     'scale_by_hfac',
@@ -45,7 +52,10 @@ __all__ = (
     'scale_in_float32',
     'sign_fsgd',
     'state_elements',
+    'state_partition_report',
+    'state_partition_specs',
     'state_report',
     'state_shapes',
+    'state_shardings',
     'state_size',
 )
