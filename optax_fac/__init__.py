@@ -29,26 +29,48 @@ from optax_fac.sharding import register_state_rule
 from optax_fac.sharding import state_partition_report
 from optax_fac.sharding import state_partition_specs
 from optax_fac.sharding import state_shardings
+from optax_fac.subset import BiasCorrectionState
+from optax_fac.subset import SubspaceMomentumState
+from optax_fac.subset import SubsetNormState
+from optax_fac.subset import adagrad_sn
+from optax_fac.subset import adam_sn
+from optax_fac.subset import adam_snsm
+from optax_fac.subset import add_decayed_updated_weights
+from optax_fac.subset import rmsprop_sn
+from optax_fac.subset import scale_by_bias_correction
+from optax_fac.subset import scale_by_subset_norm
+from optax_fac.subset import scale_by_subspace_momentum
 
 __version__ = '0.1.0'
 
 __all__ = (
+    'BiasCorrectionState',
     'FactoredMomentumState',
     'FactoredRmsState',
     'HfacState',
     'LeafInfo',
     'MatrixView',
+    'SubsetNormState',
+    'SubspaceMomentumState',
     'adafactor_momentum',
+    'adagrad_sn',
     'adam_fallback',
+    'adam_sn',
+    'adam_snsm',
+    'add_decayed_updated_weights',
     'hfac',
     'lion_factor',
     'named_optimizer',
     'register_state_rule',
+    'rmsprop_sn',
+    'scale_by_bias_correction',
     'scale_by_factored_momentum',
     'scale_by_factored_rms',
     'scale_by_hfac',
     'scale_by_lion_factor',
     'scale_by_sign_fsgd',
+    'scale_by_subset_norm',
+    'scale_by_subspace_momentum',
     'scale_in_float32',
     'sign_fsgd',
     'state_elements',

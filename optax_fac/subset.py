@@ -1,0 +1,813 @@
+"""Subset-Norm step sizes and Subspace-Momentum (ALGORITHMS.md §5).
+
+Transforms:
+
+* :func:`scale_by_subset_norm` — one adaptive scalar per subset of
+  coordinates (§5.1); returns N / (sqrt(v) + ε) where N is the gradient or the
+  output of an optional ``momentum`` transform applied to the same gradient.
+* :func:`scale_by_subspace_momentum` — momentum only inside a rank-r subspace
+  of the gradient, plain gradient in the complement (§5.2).
+* :func:`scale_by_bias_correction` — the code's step-size correction
+  sqrt(1 − β2^t) / (1 − β1^t), applied to the whole numerator (§5.3).
+* :func:`add_decayed_updated_weights` — decoupled weight decay of the
+  *updated* weights, placed after the learning rate (§5.3).
+
+Named optimizers (§5.3): :func:`adam_sn`, :func:`adam_snsm`,
+:func:`rmsprop_sn`, :func:`adagrad_sn`. They are
+
+    partition({'method': direction on matrices, 'fallback': same rule with
+               element-wise statistics elsewhere})
+    -> optax.scale_by_learning_rate(learning_rate)
+    -> add_decayed_updated_weights(weight_decay, learning_rate, mask)
+
+which reproduces the official code's step for every parameter group:
+W ← W − s_t N / den, then W ← W − η_t λ W on the updated W, with
+s_t = η_t sqrt(1 − β2^t) / (1 − β1^t) for the Adam variants and s_t = η_t
+otherwise.
+
+References:
+  Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum: Faster
+  Memory-Efficient Adaptive Optimization with Convergence Guarantees
+  <https://arxiv.org/abs/2411.07120>`_, ICML 2025. Code:
+  https://github.com/timmytonga/sn-sm (``GenericOptim.py``, ``subset_norm.py``,
+  ``subspace_momentum.py``, ``projectors/svd_projector.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src.base import NO_PARAMS_MSG
+
+from optax_fac import _common
+from optax_fac import alias
+from optax_fac import matrix
+
+SubsetSize = Union[str, int]
+_HEURISTIC = ('heuristic', 'heuristics')
+_RESETS = ('clean', 'faithful', 'none')
+_METHODS = ('svd', 'eigh')
+
+
+# --------------------------------------------------------------------------
+# Small helpers.
+
+
+def _as_f32(tree: Any) -> Any:
+  """Float32 copies of arrays (or ShapeDtypeStructs) in ``tree``."""
+  def one(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, jnp.float32,
+                                  sharding=getattr(x, 'sharding', None))
+    return x.astype(jnp.float32)
+  return jax.tree.map(one, tree)
+
+
+def _check_subset_size(subset_size: Any) -> None:
+  if isinstance(subset_size, str):
+    if subset_size not in _HEURISTIC:
+      raise ValueError(
+          "subset_size must be 'heuristic' or a non-zero int, got "
+          f'{subset_size!r}.')
+    return
+  if (not isinstance(subset_size, int) or isinstance(subset_size, bool)
+      or subset_size == 0):
+    raise ValueError(
+        "subset_size must be 'heuristic' or a non-zero int, got "
+        f'{subset_size!r} (pass it in static_args of optax.inject_hyperparams).')
+
+
+def subset_length(numel: int, subset_size: int) -> int:
+  """k′: the length of each subset of the integer partition (§5.1).
+
+  k > 0: the largest divisor of ``numel`` that is <= k (k is clipped to
+  ``numel``); k < 0: the same with k = floor(sqrt(numel) / |k|) (at least 1).
+  """
+  if subset_size < 0:
+    k = int(math.sqrt(numel) / abs(subset_size))
+  else:
+    k = subset_size
+  return matrix.largest_divisor_at_most(numel, max(1, min(k, max(numel, 1))))
+
+
+def _rows_are_subsets(m: int, n: int) -> bool:
+  """Heuristic partition: one subset per row iff m > n (tie: per column)."""
+  return m > n
+
+
+def _subset_norm_shape(shape, view, subset_size) -> tuple:
+  """Shape of the subset-norm statistic of a leaf (one value per subset)."""
+  m, n = view.dims(shape)
+  if isinstance(subset_size, str):
+    return (view.row_stat_shape(shape) if _rows_are_subsets(m, n)
+            else view.col_stat_shape(shape))
+  k = subset_length(m * n, subset_size)
+  if k == 1:
+    return tuple(shape)
+  return view.batch_shape(shape) + ((m * n) // k,)
+
+
+# --------------------------------------------------------------------------
+# §5.1 Subset-Norm.
+
+
+class SubsetNormState(NamedTuple):
+  """State of :func:`scale_by_subset_norm`."""
+  count: jax.Array  # shape=(), dtype=jnp.int32.
+  nu: Any           # per leaf: one float32 accumulator per subset
+  momentum: Any     # state of the ``momentum`` transform (EmptyState if none)
+
+
+def scale_by_subset_norm(
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    subset_size: SubsetSize = 'heuristic',
+    *,
+    momentum: Optional[optax.GradientTransformation] = None,
+    views: matrix.ViewSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Subset-Norm adaptive step size (ALGORITHMS.md §5.1).
+
+  One adaptive scalar per subset of coordinates. With u = the per-subset sum
+  of G², v ← β2 v + (1 − β2) u (β2 < 1, "Adam-style") or v ← v + u (β2 = 1,
+  "AdaGrad-style"), the output is N / (sqrt(v) + ε) with the denominator
+  broadcast over each subset, where N is G, or ``momentum``'s output on the
+  same G (the subset norm is always computed from the gradient, so a
+  momentum transform cannot simply be chained in front). No bias correction:
+  chain :func:`scale_by_bias_correction` for the Adam-style step size.
+
+  Partitions (``subset_size``, structural):
+
+  * ``'heuristic'`` (default, the paper's headline runs): subsets run along
+    the larger dimension of the (m, n) view — for m > n one subset per row
+    (state of the row-statistic shape, m values), otherwise one per column
+    (n values). Tie m = n: one subset per column, i.e. per output unit in the
+    (in, out) layout, as the official code does in PyTorch's (out, in) layout.
+  * an int k: each matrix of the view is flattened row-major and reshaped to
+    (N/k′, k′), k′ the largest divisor of N = mn that is <= k (k < 0 means
+    k = floor(sqrt(N)/|k|)); one subset per row, N/k′ values. k′ = 1 is the
+    element-wise (RMSprop/Adam) denominator, stored in the parameter's shape.
+    [decided] The flattening is of the (in, out) view, so for a Dense kernel
+    the subsets differ from the official code's (which flattens PyTorch's
+    (out, in) weight); pass ``views=MatrixView(rows=(1,), cols=(0,))`` to get
+    the code's grouping. Batch axes of a view are partitioned separately.
+
+  Leaves with ndim <= 1 are 1 x N row vectors: the heuristic then gives the
+  element-wise denominator.
+
+  Args:
+    b2: second-moment decay in [0, 1]; 1 = AdaGrad-style running sum.
+    eps: ε added to sqrt(v) (the code's default 1e-6).
+    subset_size: ``'heuristic'`` or a non-zero int (structural: list it in
+      ``static_args`` of ``optax.inject_hyperparams``).
+    momentum: optional transform giving the numerator N from the gradient
+      (e.g. ``optax.ema(0.9, debias=False)`` or
+      :func:`scale_by_subspace_momentum`); it sees float32 gradients and its
+      state is kept inside this transform's state.
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
+    <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
+  """
+  _common.check_unit_interval('b2', b2, closed=True)
+  _common.check_nonnegative('eps', eps)
+  _check_subset_size(subset_size)
+  inner = (None if momentum is None
+           else optax.with_extra_args_support(momentum))
+
+  def expected_shape(u, view):
+    return _subset_norm_shape(u.shape, view, subset_size)
+
+  def init_fn(params):
+    _common.check_float_params(params, 'scale_by_subset_norm')
+    views_tree = matrix.resolve_views(params, views, vectors=True)
+    (nu,) = _common.map_leaves(
+        lambda p, view: (_common.zeros(expected_shape(p, view)),), 1, params,
+        params, views_tree)
+    inner_state = (optax.EmptyState() if inner is None
+                   else inner.init(_as_f32(params)))
+    return SubsetNormState(count=_common.zero_count(), nu=nu,
+                           momentum=inner_state)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    views_tree = matrix.resolve_views(updates, views, vectors=True)
+    _common.check_same_structure(updates, state.nu, 'scale_by_subset_norm',
+                                 expected_shape, views_tree)
+    g32 = _as_f32(updates)
+    if inner is None:
+      numer, inner_state = g32, state.momentum
+    else:
+      numer, inner_state = inner.update(
+          g32, state.momentum, None if params is None else _as_f32(params),
+          **extra_args)
+    beta2 = jnp.asarray(b2, jnp.float32)
+    eps32 = jnp.asarray(eps, jnp.float32)
+
+    def accumulate(nu, u):
+      return jnp.where(beta2 == 1.0, nu + u, beta2 * nu + (1.0 - beta2) * u)
+
+    def one(g, g32, num, nu, view):
+      num = _common.f32(num)
+      shape = g.shape
+      if isinstance(subset_size, str):
+        m, n = view.dims(shape)
+        if _rows_are_subsets(m, n):
+          nu = accumulate(nu, view.row_sum(g32 * g32))
+          d = num / view.expand_rows(jnp.sqrt(nu) + eps32)
+        else:
+          nu = accumulate(nu, view.col_sum(g32 * g32))
+          d = num / view.expand_cols(jnp.sqrt(nu) + eps32)
+      elif nu.shape == tuple(shape):  # k′ = 1: element-wise
+        nu = accumulate(nu, g32 * g32)
+        d = num / (jnp.sqrt(nu) + eps32)
+      else:
+        split = nu.shape + (-1,)
+        gs = view.to_matrix(g32).reshape(split)
+        nu = accumulate(nu, jnp.sum(gs * gs, axis=-1))
+        ds = view.to_matrix(num).reshape(split) / (jnp.sqrt(nu) + eps32)[
+            ..., None]
+        m, n = view.dims(shape)
+        d = view.from_matrix(ds.reshape(view.batch_shape(shape) + (m, n)),
+                             shape)
+      return d.astype(g.dtype), nu
+
+    d, nu = _common.map_leaves(one, 2, updates, updates, g32, numer, state.nu,
+                               views_tree)
+    return d, SubsetNormState(count=_common.increment(state.count), nu=nu,
+                              momentum=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# §5.2 Subspace-Momentum.
+
+
+class SubspaceMomentumState(NamedTuple):
+  """State of :func:`scale_by_subspace_momentum`.
+
+  Per leaf (view (m, n), r = min(rank, m, n)): for m <= n the momentum is
+  (*batch, r, n) and the projector A is (*batch, m, r); for m > n the
+  momentum is (*batch, m, r) and the projector B is (*batch, r, n).
+  """
+  count: jax.Array  # shape=(), dtype=jnp.int32.
+  mu: Any           # per leaf: momentum in subspace coordinates (float32)
+  projector: Any    # per leaf: orthonormal basis of the subspace (float32)
+
+
+def _subspace_dims(shape, view, rank):
+  """(left, r, mu_shape, projector_shape) of a leaf."""
+  m, n = view.dims(shape)
+  batch = view.batch_shape(shape)
+  r = max(0, min(rank, m, n))
+  left = m <= n  # tie: project the input side (rows of the (in, out) view)
+  if left:
+    return left, r, batch + (r, n), batch + (m, r)
+  return left, r, batch + (m, r), batch + (r, n)
+
+
+def _fix_signs(vecs: jax.Array, axis: int) -> jax.Array:
+  """Flips each vector so its largest-magnitude entry is positive."""
+  idx = jnp.argmax(jnp.abs(vecs), axis=axis, keepdims=True)
+  s = jnp.sign(jnp.take_along_axis(vecs, idx, axis=axis))
+  return vecs * jnp.where(s == 0, 1.0, s)
+
+
+def _top_singular_vectors(g: jax.Array, r: int, left: bool, method: str,
+                          precision) -> jax.Array:
+  """Top-r left (m, r) or right (r, n) singular vectors of (*batch, m, n) g."""
+  if method == 'svd':
+    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+    vecs = u[..., :, :r] if left else vh[..., :r, :]
+  else:  # eigh of the Gram matrix on the projected side
+    gt = jnp.swapaxes(g, -1, -2)
+    gram = (jnp.matmul(g, gt, precision=precision) if left
+            else jnp.matmul(gt, g, precision=precision))
+    _, w = jnp.linalg.eigh(gram, symmetrize_input=True)
+    top = w[..., ::-1][..., :r]  # eigenvalues ascending -> top r, descending
+    vecs = top if left else jnp.swapaxes(top, -1, -2)
+  return _fix_signs(vecs, axis=-2 if left else -1)
+
+
+def scale_by_subspace_momentum(
+    b1: float = 0.9,
+    rank: int = 128,
+    every: int = 200,
+    reset: str = 'clean',
+    *,
+    method: str = 'svd',
+    precision: Any = 'highest',
+    views: matrix.ViewSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Subspace-Momentum (ALGORITHMS.md §5.2): momentum in a rank-r subspace.
+
+  The projector comes from the thin SVD (float32) of the current gradient,
+  on the smaller side of the (m, n) view, r = min(rank, m, n):
+
+  * m <= n: A = top-r left singular vectors (m x r), p̃ = Aᵀ G (r x n),
+    back(Y) = A Y. (Tie m = n: the input side, rows of the (in, out) view —
+    the official code projects the input side of PyTorch's (out, in) weight.)
+  * m > n: B = top-r right singular vectors (r x n), p̃ = G Bᵀ (m x r),
+    back(Y) = Y B.
+
+  Each step: m ← β1 m + (1 − β1) p̃; the output is the numerator
+  N = back(m) + (G − back(p̃)) (momentum in the subspace, the plain gradient in
+  its complement), computed as G + back(m − p̃). No bias correction.
+
+  Refresh at t = 1 and whenever t mod ``every`` = 0 (the code's schedule; note
+  it differs from ``svd_rotation``'s (t − 1) mod T), under one ``lax.cond`` on
+  this transform's own counter. ``reset`` says what happens to the momentum
+  at a refresh step t > 1:
+
+  * ``'clean'`` [decided, default]: zero it before the EMA, so
+    m = (1 − β1) p̃ in the new basis.
+  * ``'faithful'`` [code]: the EMA of this step is computed from the old
+    buffer with the new basis' p̃ (and used for N); the buffer is then zeroed,
+    so step t + 1 starts from m = (1 − β1) p̃.
+  * ``'none'``: never reset (the old coefficients are reused in the new basis).
+
+  [decided] Each singular vector's sign is chosen so that its
+  largest-magnitude entry is positive (the code's SVD signs are arbitrary;
+  this makes the result deterministic across backends). A non-finite
+  decomposition keeps the previous projector. ``method='eigh'`` computes the
+  same subspace from the eigenvectors of the Gram matrix of the projected side
+  (G Gᵀ or Gᵀ G), sorted by descending eigenvalue — usually much faster on
+  accelerators.
+
+  Leaves with ndim <= 1 are 1 x N row vectors (r = 1, the projector is ±1),
+  which gives ordinary EMA momentum on them.
+
+  Memory: r·max(m, n) (momentum) + r·min(m, n) (projector) float32 values.
+
+  Args:
+    b1: momentum decay β1.
+    rank: subspace rank r (structural; clipped to min(m, n) per leaf).
+    every: refresh period T (structural).
+    reset: ``'clean'``, ``'faithful'`` or ``'none'`` (see above).
+    method: ``'svd'`` (thin SVD, as the code) or ``'eigh'`` (Gram matrix).
+    precision: matmul precision of the projections (``'highest'`` = true
+      float32, as PyTorch's default; ``'default'`` allows TF32/bf16 passes).
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
+    <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
+  """
+  _common.check_unit_interval('b1', b1)
+  _common.check_positive_int('rank', rank)
+  _common.check_positive_int('every', every)
+  if reset not in _RESETS:
+    raise ValueError(f'reset must be one of {_RESETS}, got {reset!r}.')
+  if method not in _METHODS:
+    raise ValueError(f'method must be one of {_METHODS}, got {method!r}.')
+
+  def mu_shape(u, view):
+    return _subspace_dims(u.shape, view, rank)[2]
+
+  def init_fn(params):
+    _common.check_float_params(params, 'scale_by_subspace_momentum')
+    views_tree = matrix.resolve_views(params, views, vectors=True)
+
+    def one(p, view):
+      _, _, ms, ps = _subspace_dims(p.shape, view, rank)
+      return _common.zeros(ms), _common.zeros(ps)
+
+    mu, projector = _common.map_leaves(one, 2, params, params, views_tree)
+    return SubspaceMomentumState(count=_common.zero_count(), mu=mu,
+                                 projector=projector)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    views_tree = matrix.resolve_views(updates, views, vectors=True)
+    _common.check_same_structure(updates, state.mu,
+                                 'scale_by_subspace_momentum', mu_shape,
+                                 views_tree)
+    count = _common.increment(state.count)
+    refresh = (count == 1) | (count % every == 0)
+    reset_now = refresh & (count > 1)
+    beta1 = jnp.asarray(b1, jnp.float32)
+    (mats,) = _common.map_leaves(
+        lambda g, view: (view.to_matrix(_common.f32(g)),), 1, updates,
+        updates, views_tree)
+
+    def new_projectors(operands):
+      mats, old = operands
+
+      def one(g, p_old, u, view):
+        left, r, _, _ = _subspace_dims(u.shape, view, rank)
+        p = _top_singular_vectors(g, r, left, method, precision)
+        ok = jnp.all(jnp.isfinite(p), axis=(-2, -1), keepdims=True)
+        return (jnp.where(ok, p, p_old),)
+
+      return _common.map_leaves(one, 1, updates, mats, old, updates,
+                                views_tree)[0]
+
+    projector = jax.lax.cond(refresh, new_projectors, lambda ops: ops[1],
+                             (mats, state.projector))
+
+    def one(u, g, mu, p, view):
+      left, _, _, _ = _subspace_dims(u.shape, view, rank)
+      if left:
+        proj = jnp.einsum('...mr,...mn->...rn', p, g, precision=precision)
+      else:
+        proj = jnp.einsum('...mn,...rn->...mr', g, p, precision=precision)
+      if reset == 'clean':
+        mu = jnp.where(reset_now, 0.0, mu)
+      mu = _common.ema(mu, proj, beta1)
+      if left:
+        back = jnp.einsum('...mr,...rn->...mn', p, mu - proj,
+                          precision=precision)
+      else:
+        back = jnp.einsum('...mr,...rn->...mn', mu - proj, p,
+                          precision=precision)
+      numer = view.from_matrix(g + back, u.shape)
+      if reset == 'faithful':
+        mu = jnp.where(reset_now, 0.0, mu)
+      return numer.astype(u.dtype), mu
+
+    numer, mu = _common.map_leaves(one, 2, updates, updates, mats, state.mu,
+                                   projector, views_tree)
+    return numer, SubspaceMomentumState(count=count, mu=mu,
+                                        projector=projector)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# §5.3 The generic step: bias correction, learning rate, decay after the step.
+
+
+class BiasCorrectionState(NamedTuple):
+  """State of :func:`scale_by_bias_correction`."""
+  count: jax.Array  # shape=(), dtype=jnp.int32.
+
+
+def scale_by_bias_correction(
+    b1: float = 0.9,
+    b2: float = 0.999,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Multiplies updates by sqrt(1 − β2^t) / (1 − β1^t) (ALGORITHMS.md §5.3).
+
+  The official code's Adam-style step-size correction,
+  s_t = η sqrt(1 − β2^t)/(1 − β1^t), applied to the whole numerator
+  (complement gradient of subspace momentum included) with ε left
+  uncorrected. Computed in float32; t counts this transform's own updates.
+
+  Args:
+    b1: first-moment decay (0 = no momentum correction).
+    b2: second-moment decay.
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+  """
+  _common.check_unit_interval('b1', b1)
+  _common.check_unit_interval('b2', b2)
+
+  def init_fn(params):
+    del params
+    return BiasCorrectionState(count=_common.zero_count())
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    count = _common.increment(state.count)
+    t = count.astype(jnp.float32)
+    beta1 = jnp.asarray(b1, jnp.float32)
+    beta2 = jnp.asarray(b2, jnp.float32)
+    factor = jnp.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+    updates = jax.tree.map(
+        lambda u: (factor * _common.f32(u)).astype(u.dtype), updates)
+    return updates, BiasCorrectionState(count=count)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def add_decayed_updated_weights(
+    weight_decay: Any = 0.0,
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    mask: alias.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Decoupled weight decay of the *updated* weights (ALGORITHMS.md §5.3).
+
+  Goes **after** ``optax.scale_by_learning_rate``: given the signed step
+  Δ = −s_t N/den, it returns Δ − η_t λ (W + Δ), so that
+  W_new = (W + Δ) − η_t λ (W + Δ): the official code's "weight decay at the
+  end" (the difference from decaying the old W, as ``optax.adamw`` does, is
+  second order). η_t is evaluated like ``optax.scale_by_learning_rate`` does
+  (a schedule is called with this transform's own counter, which starts at 0
+  and advances once per update, so it agrees with the learning-rate
+  transform's). Needs ``params`` unless ``weight_decay`` is a literal 0.
+
+  Args:
+    weight_decay: λ >= 0.
+    learning_rate: η (float or schedule), the same as the step's.
+    mask: which leaves are decayed (bool tree, prefix or callable, as
+      ``optax.masked``); None = all.
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+  """
+  _common.check_nonnegative('weight_decay', weight_decay)
+  _common.check_nonnegative('learning_rate', learning_rate)
+  no_decay = (isinstance(weight_decay, (int, float))
+              and not isinstance(weight_decay, bool) and weight_decay == 0)
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=_common.zero_count())
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    count = _common.increment(state.count)
+    if no_decay:
+      return updates, optax.ScaleByScheduleState(count=count)
+    if params is None:
+      raise ValueError(NO_PARAMS_MSG)
+    lr = learning_rate(state.count) if callable(learning_rate) else (
+        learning_rate)
+    coef = jnp.asarray(lr, jnp.float32) * jnp.asarray(weight_decay,
+                                                      jnp.float32)
+
+    def one(u, p):
+      u32 = _common.f32(u)
+      return (u32 - coef * (_common.f32(p) + u32)).astype(u.dtype)
+
+    return (jax.tree.map(one, updates, params),
+            optax.ScaleByScheduleState(count=count))
+
+  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return tx if mask is None else optax.masked(tx, mask)
+
+
+# --------------------------------------------------------------------------
+# Named optimizers.
+
+
+def _ema(b1):
+  return optax.ema(b1, debias=False, accumulator_dtype=jnp.float32)
+
+
+def _direction(momentum, b1, b2, eps, subset_size, bias_correction, views):
+  sn = scale_by_subset_norm(b2, eps, subset_size, momentum=momentum,
+                            views=views)
+  if not bias_correction:
+    return sn
+  return optax.chain(sn, scale_by_bias_correction(b1, b2))
+
+
+def _sn_optimizer(method, fallback, *, learning_rate, weight_decay,
+                  weight_decay_mask, mask, views):
+  """partition(method | fallback) -> -η_t -> decay of the updated weights."""
+  _common.check_nonnegative('learning_rate', learning_rate)
+  _common.check_nonnegative('weight_decay', weight_decay)
+  return optax.chain(
+      optax.partition({alias.METHOD: method, alias.FALLBACK: fallback},
+                      alias.method_labels(mask, views)),
+      optax.scale_by_learning_rate(learning_rate),
+      add_decayed_updated_weights(weight_decay, learning_rate,
+                                  weight_decay_mask),
+  )
+
+
+_NAMED_DOC = """
+  Matrix leaves (every ndim >= 2 leaf selected by ``mask``, seen through
+  ``views``) get the method; every other leaf (biases, norm scales,
+  masked-out matrices such as an embedding) gets ``fallback``, by default the
+  same rule with element-wise statistics, exactly as the official code treats
+  its "regular" parameter group (one optimizer, one learning rate).
+  Weight decay acts on the updated weights (see
+  :func:`add_decayed_updated_weights`) on the leaves selected by
+  ``weight_decay_mask``. A custom ``fallback`` must be a complete scale-only
+  direction (e.g. :func:`optax_fac.adam_fallback`); the learning rate and the
+  decay are applied after it.
+"""
+
+
+def adam_sn(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: alias.MaskOrFn = None,
+    mask: alias.MaskOrFn = None,
+    *,
+    subset_size: SubsetSize = 'heuristic',
+    views: matrix.ViewSpec = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamSN (ALGORITHMS.md §5.3): Adam momentum over a Subset-Norm step size.
+
+  N = EMA_β1(G) (full momentum, mn values), den = sqrt(v) + ε with v the
+  subset-norm accumulator (§5.1, β2), W ← W − s_t N/den with
+  s_t = η_t sqrt(1 − β2^t)/(1 − β1^t), then W ← W − η_t λ W.
+  The default fallback is AdamW in the code's form (ε added to sqrt(v) of the
+  uncorrected second moment). The authors recommend a learning rate about 10x
+  the usual Adam one. Memory mn + max(m, n) per matrix (heuristic).
+  {named}
+  Args:
+    learning_rate: η, a float or an optax schedule.
+    b1: momentum decay β1.
+    b2: second-moment decay β2 (< 1).
+    eps: ε added to the denominator.
+    weight_decay: λ of the decay of the updated weights.
+    weight_decay_mask: which leaves are decayed (None = all).
+    mask: which leaves get the method (None = every matrix leaf).
+    subset_size: ``'heuristic'`` or an int (see
+      :func:`scale_by_subset_norm`; structural).
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+    fallback: transform for non-matrix leaves (default: see above).
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_fac
+    >>> params = {{'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}}
+    >>> tx = optax_fac.adam_sn(learning_rate=1e-2)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
+    <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
+  """
+  _common.check_unit_interval('b2', b2)
+  method = _direction(_ema(b1), b1, b2, eps, subset_size, True, views)
+  if fallback is None:
+    fallback = _direction(_ema(b1), b1, b2, eps, 1, True, views)
+  return _sn_optimizer(method, fallback, learning_rate=learning_rate,
+                       weight_decay=weight_decay,
+                       weight_decay_mask=weight_decay_mask, mask=mask,
+                       views=views)
+
+
+def adam_snsm(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: alias.MaskOrFn = None,
+    mask: alias.MaskOrFn = None,
+    *,
+    subset_size: SubsetSize = 'heuristic',
+    rank: int = 128,
+    every: int = 200,
+    reset: str = 'clean',
+    method: str = 'svd',
+    views: matrix.ViewSpec = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamSNSM (ALGORITHMS.md §5.3): Subspace-Momentum over Subset-Norm.
+
+  N = subspace momentum (§5.2: rank r, refresh every T steps, ``reset``),
+  den = subset norm (§5.1), W ← W − s_t N/den with
+  s_t = η_t sqrt(1 − β2^t)/(1 − β1^t) (the correction multiplies the
+  complement gradient too, as in the code), then W ← W − η_t λ W.
+  The default fallback is AdamW in the code's form (full EMA momentum).
+  Memory r·max + r·min + max(m, n) per matrix (heuristic; the r·min
+  projector included).
+  {named}
+  Args:
+    learning_rate: η, a float or an optax schedule.
+    b1: momentum decay β1.
+    b2: second-moment decay β2 (< 1).
+    eps: ε added to the denominator.
+    weight_decay: λ of the decay of the updated weights.
+    weight_decay_mask: which leaves are decayed (None = all).
+    mask: which leaves get the method (None = every matrix leaf).
+    subset_size: ``'heuristic'`` or an int (structural).
+    rank: subspace rank r (structural, clipped to min(m, n)).
+    every: refresh period T (structural).
+    reset: momentum at a refresh, ``'clean'`` | ``'faithful'`` | ``'none'``.
+    method: projector computation, ``'svd'`` or ``'eigh'``.
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+    fallback: transform for non-matrix leaves (default: see above).
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
+    <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
+  """
+  _common.check_unit_interval('b2', b2)
+  sm = scale_by_subspace_momentum(b1, rank, every, reset, method=method,
+                                  views=views)
+  method_tx = _direction(sm, b1, b2, eps, subset_size, True, views)
+  if fallback is None:
+    fallback = _direction(_ema(b1), b1, b2, eps, 1, True, views)
+  return _sn_optimizer(method_tx, fallback, learning_rate=learning_rate,
+                       weight_decay=weight_decay,
+                       weight_decay_mask=weight_decay_mask, mask=mask,
+                       views=views)
+
+
+def rmsprop_sn(
+    learning_rate: optax.ScalarOrSchedule,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: alias.MaskOrFn = None,
+    mask: alias.MaskOrFn = None,
+    *,
+    subset_size: SubsetSize = 'heuristic',
+    views: matrix.ViewSpec = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""RMSpropSN (ALGORITHMS.md §5.3): no momentum, Subset-Norm step size.
+
+  W ← W − η_t G/den (β1 = 0, no bias correction), then W ← W − η_t λ W.
+  The default fallback is RMSprop (β2, ε, element-wise), as in the code.
+  Memory max(m, n) per matrix (heuristic).
+  {named}
+  Args:
+    learning_rate: η, a float or an optax schedule.
+    b2: second-moment decay β2 (< 1).
+    eps: ε added to the denominator.
+    weight_decay: λ of the decay of the updated weights.
+    weight_decay_mask: which leaves are decayed (None = all).
+    mask: which leaves get the method (None = every matrix leaf).
+    subset_size: ``'heuristic'`` or an int (structural).
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+    fallback: transform for non-matrix leaves (default: see above).
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
+    <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
+  """
+  _common.check_unit_interval('b2', b2)
+  method = _direction(None, 0.0, b2, eps, subset_size, False, views)
+  if fallback is None:
+    fallback = _direction(None, 0.0, b2, eps, 1, False, views)
+  return _sn_optimizer(method, fallback, learning_rate=learning_rate,
+                       weight_decay=weight_decay,
+                       weight_decay_mask=weight_decay_mask, mask=mask,
+                       views=views)
+
+
+def adagrad_sn(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: alias.MaskOrFn = None,
+    mask: alias.MaskOrFn = None,
+    *,
+    subset_size: SubsetSize = 'heuristic',
+    views: matrix.ViewSpec = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaGradSN (ALGORITHMS.md §5.3): EMA momentum, Subset-Norm running sum.
+
+  N = EMA_β1(G) (not bias corrected), den = sqrt(Σ_t u_t) + ε with u the
+  per-subset sum of G² (β2 = 1), W ← W − η_t N/den, then W ← W − η_t λ W.
+  The default fallback is the same rule element-wise (AdaGrad with EMA
+  momentum), as in the code. Memory mn + max(m, n) per matrix (heuristic).
+  {named}
+  Args:
+    learning_rate: η, a float or an optax schedule.
+    b1: momentum decay β1 (0 = no momentum, but the buffer is still kept).
+    eps: ε added to the denominator.
+    weight_decay: λ of the decay of the updated weights.
+    weight_decay_mask: which leaves are decayed (None = all).
+    mask: which leaves get the method (None = every matrix leaf).
+    subset_size: ``'heuristic'`` or an int (structural).
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+    fallback: transform for non-matrix leaves (default: see above).
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
+    <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
+  """
+  method = _direction(_ema(b1), b1, 1.0, eps, subset_size, False, views)
+  if fallback is None:
+    fallback = _direction(_ema(b1), b1, 1.0, eps, 1, False, views)
+  return _sn_optimizer(method, fallback, learning_rate=learning_rate,
+                       weight_decay=weight_decay,
+                       weight_decay_mask=weight_decay_mask, mask=mask,
+                       views=views)
+
+
+for _f in (adam_sn, adam_snsm, rmsprop_sn, adagrad_sn):
+  _f.__doc__ = _f.__doc__.replace('{named}', _NAMED_DOC).replace(
+      '{{', '{').replace('}}', '}')
+del _f
