@@ -1,0 +1,352 @@
+"""SMMF (../shared/ALGORITHMS.md §4): view, float64 transcription, state size."""
+
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_fac
+from optax_fac import matrix
+
+# The module (optax_fac.smmf the attribute is the named optimizer).
+smmf_lib = importlib.import_module('optax_fac.smmf')
+
+
+# --------------------------------------------------------------------------
+# Square-matricization.
+
+
+def _official_effective_shape(numel):
+  """The official code's ``_get_effective_shape``, transcribed."""
+  root = int(numel ** 0.5)
+  if root * root == numel:
+    return (root, root)
+  for i in range(root, 0, -1):
+    if numel % i == 0:
+      return (numel // i, i)
+  return (numel, 1)
+
+
+@pytest.mark.parametrize('n, want', [
+    (512, (32, 16)), (7, (7, 1)), (9408, (98, 96)),
+    (2048 * 5461, (4064, 2752)), (32000 * 2048, (8192, 8000)),
+    (1, (1, 1)), (2, (2, 1)), (13, (13, 1)), (7919, (7919, 1)),
+    (9, (3, 3)), (64, (8, 8)), (768 * 768, (768, 768)), (10**6, (1000, 1000)),
+    (1000, (40, 25)), (2 * 7919, (7919, 2)),
+])
+def test_square_shape_examples(n, want):
+  assert matrix.square_shape(n) == want
+  n1, n2 = want
+  assert n1 * n2 == n and n1 >= n2
+
+
+def test_square_shape_matches_official_rule():
+  for n in range(1, 3000):
+    assert matrix.square_shape(n) == _official_effective_shape(n), n
+
+
+# --------------------------------------------------------------------------
+# A float64 NumPy transcription of §4 (the official code, step by step).
+
+
+class Float64SMMF:
+  """The official SMMF.step in float64 NumPy, one parameter list."""
+
+  def __init__(self, params, lr, b1=0.9, eps=1e-8, weight_decay=0.0,
+               decay_rate=-0.5, growth_rate=0.999, vector_reshape=True):
+    self.params = [np.array(p, np.float64) for p in params]
+    self.lr, self.b1, self.eps, self.wd = lr, b1, eps, weight_decay
+    self.decay_rate, self.growth_rate = decay_rate, growth_rate
+    self.vector_reshape = vector_reshape
+    self.state = [None] * len(params)
+
+  @staticmethod
+  def nnmf(a):
+    r, c = a.sum(axis=1), a.sum(axis=0)
+    if a.shape[0] < a.shape[1]:  # never after square-matricization
+      if r.sum() != 0:
+        r = r / r.sum()
+    elif c.sum() != 0:
+      c = c / c.sum()
+    return r, c
+
+  def step(self, grads):
+    for i, g in enumerate(grads):
+      g = np.asarray(g, np.float64)
+      p = self.params[i]
+      if self.wd:
+        p *= 1.0 - self.lr * self.wd
+      dense = np.squeeze(g).ndim == 1 and not self.vector_reshape
+      if self.state[i] is None:
+        if dense:
+          self.state[i] = dict(step=1.0, m=np.zeros(g.shape),
+                               v=np.zeros(g.shape))
+        else:
+          shape = _official_effective_shape(g.size)
+          self.state[i] = dict(step=1.0, shape=shape,
+                               m=(np.zeros(shape[0]), np.zeros(shape[1])),
+                               sign=np.zeros(shape, bool),
+                               v=(np.zeros(shape[0]), np.zeros(shape[1])))
+      st = self.state[i]
+      t = st['step']
+      b2 = 1.0 - t ** self.decay_rate
+      if dense:
+        gv = g
+        m_hat, v_hat = st['m'], st['v']
+      else:
+        gv = g.reshape(st['shape'])
+        m_hat = np.outer(*st['m'])
+        m_hat = np.where(st['sign'], m_hat, -m_hat)
+        v_hat = np.outer(*st['v'])
+      if self.b1 is not None:
+        b1 = self.b1 * self.growth_rate ** (t - 1.0)
+        m = b1 * m_hat + (1.0 - b1) * gv
+      v = b2 * v_hat + (1.0 - b2) * gv ** 2
+      if dense:
+        st['m'], st['v'] = (m if self.b1 is not None else None), v
+      else:
+        if self.b1 is not None:
+          st['sign'] = m > 0
+          st['m'] = self.nnmf(np.abs(m))
+        st['v'] = self.nnmf(v)
+      num = m if self.b1 is not None else gv
+      update = (num / (np.sqrt(v) + self.eps)).reshape(g.shape)
+      p -= self.lr * update
+      st['step'] = t + 1.0
+    return [p.copy() for p in self.params]
+
+
+SHAPES = ((3, 3, 4, 8), (8,), (13,), (12, 10))  # conv, bias, prime, matrix
+STEPS = 25
+LR = 1e-2
+
+
+def _problem(seed=0):
+  rng = np.random.default_rng(seed)
+  params = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+  grads = [rng.normal(size=(STEPS,) + s).astype(np.float32)
+           * rng.uniform(0.1, 3.0, size=(STEPS,) + (1,) * len(s))
+           for s in SHAPES]
+  grads[0][0, 0] = 0.0      # exact zeros at t = 1: they count as negative
+  grads[3][0, :, 3] = 0.0
+  grads[1][0] = 0.0         # an all-zero leaf at t = 1: no 0/0 in NNMF
+  return params, grads
+
+
+def _run_jax(tx, params, grads):
+  params = [jnp.asarray(p) for p in params]
+
+  def body(carry, g):
+    p, state = carry
+    updates, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+    return (p, state), p
+
+  _, traj = jax.jit(lambda p, s, g: jax.lax.scan(body, (p, s), g))(
+      params, tx.init(params), [jnp.asarray(g) for g in grads])
+  return [np.asarray(t) for t in traj]
+
+
+CONFIGS = {
+    'packed': dict(sign_bits=1),
+    'bool': dict(sign_bits=8),
+    'packed_wd': dict(sign_bits=1, weight_decay=0.1),
+    'bool_wd': dict(sign_bits=8, weight_decay=0.1),
+    'no_momentum_dense_vectors': dict(b1=None, vector_reshape=False,
+                                      decay_rate=-0.8, weight_decay=0.05),
+    'dense_vectors_other_schedules': dict(b1=0.8, growth_rate=0.99,
+                                          decay_rate=-0.8,
+                                          vector_reshape=False),
+}
+
+
+@pytest.mark.parametrize('name', list(CONFIGS))
+def test_matches_float64_transcription(name):
+  kwargs = CONFIGS[name]
+  params, grads = _problem()
+  ref_kwargs = {k: v for k, v in kwargs.items() if k != 'sign_bits'}
+  ref = Float64SMMF(params, LR, **ref_kwargs)
+  want = [ref.step([g[t] for g in grads]) for t in range(STEPS)]
+  got = _run_jax(optax_fac.smmf(LR, **kwargs), params, grads)
+  for t in range(STEPS):
+    for leaf in range(len(SHAPES)):
+      np.testing.assert_allclose(
+          got[leaf][t], want[t][leaf], rtol=1e-5, atol=2e-6,
+          err_msg=f'{name}: step {t + 1}, leaf {SHAPES[leaf]}')
+  # The parameters moved well beyond the tolerance: not a trivial match.
+  moved = np.abs(want[-1][0] - params[0]).mean()
+  assert moved > LR, moved
+
+
+def test_sign_of_exact_zero_is_negative_and_zero_sum_is_kept():
+  """State after t = 1: [M > 0] bits; NNMF of an all-zero leaf stays 0."""
+  g = {'w': jnp.array([[1.0, 0.0, -2.0], [0.0, 3.0, 0.0]]),
+       'z': jnp.zeros((5,))}
+  tx = optax_fac.scale_by_smmf()
+  state = tx.init(g)
+  _, state = tx.update(g, state)
+  lay = smmf_lib._layout((2, 3), None, True)  # (3, 2)
+  bits = np.asarray(smmf_lib._unpack_signs(state.m_sign['w'], lay))
+  np.testing.assert_array_equal(bits.reshape(-1),
+                                np.asarray(g['w']).reshape(-1) > 0)
+  for field in (state.m_row, state.m_col, state.v_row, state.v_col):
+    np.testing.assert_array_equal(field['z'], 0.0)
+  # Column factor normalised to sum 1 where the sum is nonzero.
+  np.testing.assert_allclose(state.v_col['w'].sum(), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(state.m_col['w'].sum(), 1.0, rtol=1e-6)
+
+
+def test_pack_unpack_roundtrip():
+  rng = np.random.default_rng(3)
+  for n in (1, 7, 8, 9, 16, 63, 512):
+    lay = smmf_lib._layout((2, n), matrix.MatrixView((), (1,), (0,)), True)
+    x = jnp.asarray(rng.random((2, lay.n1, lay.n2)) > 0.5)
+    packed = smmf_lib._pack_signs(x, lay)
+    assert packed.shape == (2, math.ceil(n / 8)) and packed.dtype == jnp.uint8
+    np.testing.assert_array_equal(
+        packed, jnp.packbits(x.reshape(2, -1), axis=-1))
+    np.testing.assert_array_equal(smmf_lib._unpack_signs(packed, lay), x)
+
+
+# --------------------------------------------------------------------------
+# Batch axes, masks, arguments.
+
+
+def test_batch_axes_act_like_separate_leaves():
+  rng = np.random.default_rng(4)
+  stacked = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)
+  grads = jnp.asarray(rng.normal(size=(4, 3, 4, 5)), jnp.float32)
+  view = matrix.MatrixView(rows=(1,), cols=(2,), batch=(0,))
+  tx_stacked = optax_fac.smmf(1e-2, views={'w': view})
+  tx_split = optax_fac.smmf(1e-2)
+
+  def run(tx, p, gs):
+    s = tx.init(p)
+    for g in gs:
+      u, s = tx.update(g, s, p)
+      p = optax.apply_updates(p, u)
+    return p, s
+
+  p1, s1 = run(tx_stacked, {'w': stacked}, [{'w': g} for g in grads])
+  p2, _ = run(tx_split, [stacked[i] for i in range(3)],
+              [[g[i] for i in range(3)] for g in grads])
+  np.testing.assert_allclose(p1['w'], jnp.stack(p2), rtol=1e-6, atol=1e-7)
+  assert s1[0].m_row['w'].shape == (3, 5)     # (4*5) -> (5, 4) per layer
+  assert s1[0].m_sign['w'].shape == (3, 3)    # ceil(20 / 8) bytes per layer
+
+
+def test_mask_sends_other_leaves_to_adam():
+  params = {'w': jnp.ones((4, 6)), 'b': jnp.ones((6,)), 'e': jnp.ones((5, 3))}
+  mask = {'w': True, 'b': True, 'e': False}
+  tx = optax_fac.smmf(1e-2, mask=mask)
+  state = tx.init(params)
+  inner = state[0].inner_states
+  smmf_state = inner['method'].inner_state
+  assert isinstance(smmf_state, optax_fac.SMMFState)
+  assert smmf_state.v_row['b'].shape == (3,)  # 1-D leaves get SMMF too
+  assert isinstance(smmf_state.v_row['e'], optax.MaskedNode)
+  assert inner['fallback'].inner_state.mu['e'].shape == (5, 3)
+  updates, _ = tx.update(params, state, params)
+  assert all(jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize('kwargs, name', [
+    (dict(b1=1.5), 'b1'), (dict(eps=-1.0), 'eps'),
+    (dict(growth_rate=1.5), 'growth_rate'),
+    (dict(decay_rate=0.5), 'decay_rate'), (dict(decay_rate=-2.0), 'decay_rate'),
+    (dict(sign_bits=4), 'sign_bits'), (dict(vector_reshape=1), 'vector_reshape'),
+    (dict(weight_decay=-0.1), 'weight_decay'),
+])
+def test_bad_hyperparameters_are_named(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    optax_fac.smmf(1e-3, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# State size.
+
+
+def _leaf_bytes(n, sign_bits=1):
+  n1, n2 = matrix.square_shape(n)
+  return 2 * (n1 + n2) * 4 + (math.ceil(n / 8) if sign_bits == 1 else n)
+
+
+@pytest.mark.parametrize('sign_bits', [1, 8])
+def test_state_size_formula(sign_bits):
+  shapes = [(3, 3, 16, 32), (7,), (), (1000,), (64, 96), (2, 3, 5)]
+  for shape in shapes:
+    params = {'x': jax.ShapeDtypeStruct(shape, jnp.bfloat16)}
+    n = math.prod(shape)
+    got = optax_fac.state_size(optax_fac.smmf(1e-3, sign_bits=sign_bits),
+                               params)
+    assert got == _leaf_bytes(n, sign_bits) + 4, shape  # + int32 count
+
+
+def resnet50_shapes():
+  """torchvision ResNet-50 parameters in Flax layout (kh, kw, cin, cout)."""
+  shapes = {'conv1': (7, 7, 3, 64), 'bn1/scale': (64,), 'bn1/bias': (64,)}
+  inplanes = 64
+  for stage, (planes, blocks) in enumerate(((64, 3), (128, 4), (256, 6),
+                                            (512, 3))):
+    for b in range(blocks):
+      pre = f'layer{stage + 1}/{b}/'
+      convs = [('conv1', (1, 1, inplanes, planes)),
+               ('conv2', (3, 3, planes, planes)),
+               ('conv3', (1, 1, planes, 4 * planes))]
+      if b == 0:
+        convs.append(('downsample', (1, 1, inplanes, 4 * planes)))
+      for name, shape in convs:
+        shapes[pre + name] = shape
+        shapes[pre + name + '_bn/scale'] = (shape[-1],)
+        shapes[pre + name + '_bn/bias'] = (shape[-1],)
+      inplanes = 4 * planes
+  shapes['fc/kernel'] = (2048, 1000)
+  shapes['fc/bias'] = (1000,)
+  return {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+
+
+def test_resnet50_state_size_matches_paper():
+  params = resnet50_shapes()
+  n_params = sum(math.prod(p.shape) for p in params.values())
+  assert n_params == 25_557_032
+  mib = 2.0 ** 20
+  smmf_bytes = optax_fac.state_size(optax_fac.smmf(1e-3), params)
+  adam_bytes = optax_fac.state_size(optax.adam(1e-3), params)
+  want = sum(_leaf_bytes(math.prod(p.shape)) for p in params.values()) + 4
+  assert smmf_bytes == want
+  assert smmf_bytes < 4 * mib, smmf_bytes / mib        # paper: 3.7 MiB
+  assert 194.9 < adam_bytes / mib < 195.1              # paper: 195 MiB
+  bool_bytes = optax_fac.state_size(optax_fac.smmf(1e-3, sign_bits=8), params)
+  assert bool_bytes > 24 * mib                          # N bytes of bools
+
+
+def llama_130m_shapes():
+  """GaLore's LLaMA-130M: d 768, ffn 2048, 12 layers, vocab 32000."""
+  d, f, vocab = 768, 2048, 32000
+  shapes = {'embed': (vocab, d), 'final_norm': (d,), 'lm_head': (d, vocab)}
+  for i in range(12):
+    for name in ('q', 'k', 'v', 'o'):
+      shapes[f'layer{i}/{name}'] = (d, d)
+    shapes[f'layer{i}/gate'] = (d, f)
+    shapes[f'layer{i}/up'] = (d, f)
+    shapes[f'layer{i}/down'] = (f, d)
+    shapes[f'layer{i}/attn_norm'] = (d,)
+    shapes[f'layer{i}/mlp_norm'] = (d,)
+  return {k: jax.ShapeDtypeStruct(s, jnp.bfloat16) for k, s in shapes.items()}
+
+
+def test_llama_130m_shapes_only():
+  params = llama_130m_shapes()
+  tx = optax_fac.smmf(learning_rate=1e-3)
+  state = jax.eval_shape(tx.init, params)
+  updates, new_state = jax.eval_shape(tx.update, params, state, params)
+  assert jax.tree.map(lambda u: (u.shape, u.dtype), updates) == \
+      jax.tree.map(lambda p: (p.shape, p.dtype), params)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  n = sum(math.prod(p.shape) for p in params.values())
+  size = optax_fac.state_size(tx, params)
+  assert size < 0.04 * 4 * n  # vs 8 bytes/param for Adam in float32
