@@ -29,6 +29,9 @@ from optax_fac.sharding import register_state_rule
 from optax_fac.sharding import state_partition_report
 from optax_fac.sharding import state_partition_specs
 from optax_fac.sharding import state_shardings
+from optax_fac.smmf import SMMFState
+from optax_fac.smmf import scale_by_smmf
+from optax_fac.smmf import smmf
 from optax_fac.subset import BiasCorrectionState
 from optax_fac.subset import SubspaceMomentumState
 from optax_fac.subset import SubsetNormState
@@ -50,6 +53,7 @@ __all__ = (
     'HfacState',
     'LeafInfo',
     'MatrixView',
+    'SMMFState',
     'SubsetNormState',
     'SubspaceMomentumState',
     'adafactor_momentum',
@@ -69,10 +73,12 @@ __all__ = (
     'scale_by_hfac',
     'scale_by_lion_factor',
     'scale_by_sign_fsgd',
+    'scale_by_smmf',
     'scale_by_subset_norm',
     'scale_by_subspace_momentum',
     'scale_in_float32',
     'sign_fsgd',
+    'smmf',
     'state_elements',
     'state_partition_report',
     'state_partition_specs',
