@@ -30,29 +30,39 @@ from optax_fac import matrix
 
 
 def factored_second_moment_update(g32, row, col, view, decay, eps):
-  """EMA of the row/column sums of Z = G² + eps (ALGORITHMS.md §1)."""
-  z = g32 * g32 + eps
-  return (_common.ema(row, view.row_sum(z), decay),
-          _common.ema(col, view.col_sum(z), decay))
+  """EMA of the row/column sums of Z = G² + eps (ALGORITHMS.md §1).
+
+  Σ_j (G²_ij + ε) is computed as Σ_j G²_ij + n ε, so each reduction reads G
+  directly and no m×n Z is materialised between the two reductions.
+  """
+  m, n = view.dims(g32.shape)
+  g2 = g32 * g32
+  return (_common.ema(row, view.row_sum(g2) + n * eps, decay),
+          _common.ema(col, view.col_sum(g2) + m * eps, decay))
 
 
-def inverse_sqrt_factored(row, col, view):
-  """1 / sqrt(V̂) with V̂ = r sᵀ / (1ᵀ r), broadcastable against the leaf.
+def inverse_sqrt_factors(row, col, view):
+  """Row and column factors k, l with 1/sqrt(V̂) = k lᵀ, V̂ = r sᵀ / (1ᵀ r).
 
-  Written as sqrt(1ᵀ r) · r^{-1/2} · s^{-1/2} so that V̂ is never
-  materialised: XLA fuses the outer product into the consumer.
+  k = sqrt(1ᵀ r) / sqrt(r) (per row, broadcastable against the leaf) and
+  l = 1 / sqrt(s) (per column): V̂ is never materialised.
   """
   total = view.sum_rows_of_row_stat(row)
-  return (jnp.sqrt(total) * jax.lax.rsqrt(view.expand_rows(row))
-          * jax.lax.rsqrt(view.expand_cols(col)))
+  return (jnp.sqrt(total) * jax.lax.rsqrt(view.expand_rows(row)),
+          jax.lax.rsqrt(view.expand_cols(col)))
 
 
-def clip_by_rms(u, view, threshold):
-  """U / max(1, RMS(U) / d), RMS over each matrix (per batch element)."""
+def clip_factor(g32, row_factor, col_factor, view, threshold):
+  """1 / max(1, RMS(U)/d) for U = G ⊙ k lᵀ, per matrix (1 if threshold None).
+
+  RMS(U)² is written from G (mean of G² k² l²) rather than from a stored U,
+  so the reduction re-reads G and the final update fuses into one pass.
+  """
   if threshold is None:
-    return u
-  rms = jnp.sqrt(view.matrix_mean(u * u))
-  return u / jnp.maximum(1.0, rms / threshold)
+    return jnp.ones((), g32.dtype)
+  mean_sq = view.matrix_mean(g32 * g32 * (row_factor * row_factor)
+                             * (col_factor * col_factor))
+  return 1.0 / jnp.maximum(1.0, jnp.sqrt(mean_sq) / threshold)
 
 
 def row_col_means(g32, view):
@@ -150,8 +160,9 @@ def scale_by_factored_rms(
         new_mu = _common.ema(_common.f32(mu), g32, beta1)
         numer = new_mu
         new_mu = new_mu.astype(mu_dtype)
-      d = clip_by_rms(numer * inverse_sqrt_factored(row, col, view), view,
-                      clip_threshold)
+      k, l = inverse_sqrt_factors(row, col, view)
+      # Clipping is defined on D = M̂ ⊙ k lᵀ, so its RMS uses the numerator.
+      d = numer * (k * clip_factor(numer, k, l, view, clip_threshold)) * l
       return d.astype(g.dtype), row, col, new_mu
 
     d, row, col, mu = _common.map_leaves(

@@ -96,13 +96,12 @@ def scale_by_hfac(
       v = _common.ema(v, b, beta1)
       row, col = factored.factored_second_moment_update(
           g32, row, col, view, beta2, eps)
-      u_clipped = factored.clip_by_rms(
-          g32 * factored.inverse_sqrt_factored(row, col, view), view,
-          clip_threshold)
+      k, l = factored.inverse_sqrt_factors(row, col, view)
+      k = k * factored.clip_factor(g32, k, l, view, clip_threshold)
       phi = beta1 * (u - a) * jax.lax.rsqrt(row / n)
       psi = beta1 * (v - b) * jax.lax.rsqrt(col / m)
-      d = (0.5 * (view.expand_rows(phi) + view.expand_cols(psi))
-           + u_clipped)
+      # One fused pass: D = ½(φ 1ᵀ + 1 ψᵀ) + G ⊙ (k lᵀ)/max(1, RMS(U)/d).
+      d = 0.5 * (view.expand_rows(phi) + view.expand_cols(psi)) + g32 * k * l
       return d.astype(g.dtype), u, v, row, col
 
     d, u, v, row, col = _common.map_leaves(

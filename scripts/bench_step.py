@@ -57,9 +57,13 @@ def llama_shapes(d, ffn, layers, vocab):
   return tree
 
 
-def make_optimizer(name: str, lr: float):
+def make_optimizer(spec: str, lr: float):
+  """``name`` or ``name:key=value:key=value`` (values parsed as Python)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  name, *pairs = spec.split(':')
+  kwargs = {k: ast.literal_eval(v) for k, v in (p.split('=') for p in pairs)}
   if hasattr(optax_fac, name):
-    return getattr(optax_fac, name)(learning_rate=lr)
+    return getattr(optax_fac, name)(learning_rate=lr, **kwargs)
   if name in ('adamw', 'lion'):
     return getattr(optax, name)(learning_rate=lr, weight_decay=0.0)
   return getattr(optax, name)(learning_rate=lr)
@@ -112,7 +116,7 @@ def bench_one(name, shapes, dtype, iters, warmup, seed=0):
       'state_bytes': state_bytes,
       'xla_bytes_accessed': xla_bytes,
       'kernels': kernels,
-      'ideal_bytes': IDEAL_ARRAYS.get(name, float('nan')) * n_params
+      'ideal_bytes': IDEAL_ARRAYS.get(name.split(':')[0], float('nan')) * n_params
                      * jnp.dtype(dtype).itemsize,
   }
 
