@@ -246,7 +246,9 @@ def _nnmf(a):
   """
   r = jnp.sum(a, axis=-1)
   c = jnp.sum(a, axis=-2)
-  total = jnp.sum(c, axis=-1, keepdims=True)
+  # The barrier keeps XLA from rewriting sum(sum(a, -2)) as a third full pass
+  # over the (n1, n2) temporary; summing the n2 column sums is free.
+  total = jnp.sum(jax.lax.optimization_barrier(c), axis=-1, keepdims=True)
   nonzero = total != 0
   c = jnp.where(nonzero, c / jnp.where(nonzero, total, 1.0), c)
   return r, c
@@ -375,8 +377,8 @@ def scale_by_smmf(
     return (_from_view(d, lay, g).astype(g.dtype), m_row, m_col, m_sign,
             v_row, v_col)
 
-  def naive_zeros(lay):
-    """Unsharded zero state of one leaf (shapes and dtypes only matter)."""
+  def init_leaf(lay):
+    """Zero state of one leaf (replicated under an explicit mesh)."""
     b = lay.batch_shape
     f32 = _common.zeros
     if lay.dense:
@@ -392,21 +394,10 @@ def scale_by_smmf(
       m = (None, None, None)
     return m + v
 
-  def init_leaf(p, lay):
-    # The state is built through eval_shape of one step so that, under an
-    # explicit-sharding mesh, it has exactly the sharding update gives it.
-    def first_state(x):
-      out = leaf_step(x, lay, *naive_zeros(lay), jnp.float32(0.0),
-                      jnp.float32(0.0))
-      return out[1:]
-    shapes = jax.eval_shape(first_state, p)
-    return tuple(None if s is None else jnp.zeros_like(s) for s in shapes)
-
   def init_fn(params):
     _common.check_float_params(params, 'scale_by_smmf')
     treedef = jax.tree.structure(params)
-    outs = [init_leaf(p, lay) for p, lay in
-            zip(treedef.flatten_up_to(params), layouts(params))]
+    outs = [init_leaf(lay) for lay in layouts(params)]
     fields = [jax.tree.unflatten(treedef, [o[i] for o in outs])
               for i in range(5)]
     if not momentum:
@@ -543,3 +534,16 @@ def smmf(
       method, learning_rate=learning_rate, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, mask=mask, views=every_leaf_views,
       fallback=fallback)
+
+
+def _register_sharding_rule():
+  # Every SMMF state leaf re-lays the parameter out (square-matricized factors,
+  # packed signs): replicated, the same rule the update applies under an
+  # explicit mesh (see _replicated).
+  from optax_fac import sharding  # pylint: disable=g-import-not-at-top
+  sharding.register_state_rule(SMMFState, {
+      'count': 'scalar', 'm_row': 'flat', 'm_col': 'flat', 'm_sign': 'flat',
+      'v_row': 'flat', 'v_col': 'flat'})
+
+
+_register_sharding_rule()

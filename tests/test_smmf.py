@@ -187,8 +187,7 @@ def test_sign_of_exact_zero_is_negative_and_zero_sum_is_kept():
   g = {'w': jnp.array([[1.0, 0.0, -2.0], [0.0, 3.0, 0.0]]),
        'z': jnp.zeros((5,))}
   tx = optax_fac.scale_by_smmf()
-  state = tx.init(g)
-  _, state = tx.update(g, state)
+  _, state = jax.jit(lambda g: tx.update(g, tx.init(g)))(g)
   lay = smmf_lib._layout((2, 3), None, True)  # (3, 2)
   bits = np.asarray(smmf_lib._unpack_signs(state.m_sign['w'], lay))
   np.testing.assert_array_equal(bits.reshape(-1),
@@ -205,11 +204,13 @@ def test_pack_unpack_roundtrip():
   for n in (1, 7, 8, 9, 16, 63, 512):
     lay = smmf_lib._layout((2, n), matrix.MatrixView((), (1,), (0,)), True)
     x = jnp.asarray(rng.random((2, lay.n1, lay.n2)) > 0.5)
-    packed = smmf_lib._pack_signs(x, lay)
+    packed, back = jax.jit(lambda x, lay=lay: (
+        smmf_lib._pack_signs(x, lay),
+        smmf_lib._unpack_signs(smmf_lib._pack_signs(x, lay), lay)))(x)
     assert packed.shape == (2, math.ceil(n / 8)) and packed.dtype == jnp.uint8
     np.testing.assert_array_equal(
-        packed, jnp.packbits(x.reshape(2, -1), axis=-1))
-    np.testing.assert_array_equal(smmf_lib._unpack_signs(packed, lay), x)
+        packed, np.packbits(np.asarray(x).reshape(2, -1), axis=-1))
+    np.testing.assert_array_equal(back, x)
 
 
 # --------------------------------------------------------------------------
@@ -224,15 +225,17 @@ def test_batch_axes_act_like_separate_leaves():
   tx_stacked = optax_fac.smmf(1e-2, views={'w': view})
   tx_split = optax_fac.smmf(1e-2)
 
-  def run(tx, p, gs):
+  @jax.jit
+  def run(p, gs):
+    tx = tx_stacked if isinstance(p, dict) else tx_split
     s = tx.init(p)
     for g in gs:
       u, s = tx.update(g, s, p)
       p = optax.apply_updates(p, u)
     return p, s
 
-  p1, s1 = run(tx_stacked, {'w': stacked}, [{'w': g} for g in grads])
-  p2, _ = run(tx_split, [stacked[i] for i in range(3)],
+  p1, s1 = run({'w': stacked}, [{'w': g} for g in grads])
+  p2, _ = run([stacked[i] for i in range(3)],
               [[g[i] for i in range(3)] for g in grads])
   np.testing.assert_allclose(p1['w'], jnp.stack(p2), rtol=1e-6, atol=1e-7)
   assert s1[0].m_row['w'].shape == (3, 5)     # (4*5) -> (5, 4) per layer
@@ -250,7 +253,7 @@ def test_mask_sends_other_leaves_to_adam():
   assert smmf_state.v_row['b'].shape == (3,)  # 1-D leaves get SMMF too
   assert isinstance(smmf_state.v_row['e'], optax.MaskedNode)
   assert inner['fallback'].inner_state.mu['e'].shape == (5, 3)
-  updates, _ = tx.update(params, state, params)
+  updates, _ = jax.jit(tx.update)(params, state, params)
   assert all(jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates))
 
 
@@ -350,3 +353,39 @@ def test_llama_130m_shapes_only():
   n = sum(math.prod(p.shape) for p in params.values())
   size = optax_fac.state_size(tx, params)
   assert size < 0.04 * 4 * n  # vs 8 bytes/param for Adam in float32
+
+
+def test_explicit_mesh_matches_single_device():
+  """Sharded leaves (pad path, batch axes) under an explicit mesh."""
+  mesh = jax.make_mesh((2, 4), ('x', 'y'),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  rng = np.random.default_rng(5)
+  shapes = {'a': (6, 5), 'b': (8, 12), 'c': (4, 2, 8)}
+  specs = {'a': jax.P('x', None), 'b': jax.P(None, 'y'),
+           'c': jax.P('x', None, 'y')}
+  views = {'a': None, 'b': None, 'c': matrix.MatrixView((1,), (2,), (0,))}
+  params = {k: rng.normal(size=s).astype(np.float32) for k, s in
+            shapes.items()}
+  grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in
+            shapes.items()} for _ in range(3)]
+  tx = optax_fac.smmf(1e-2, views=views)
+
+  def run(p, gs):
+    s = tx.init(p)
+    types = jax.tree.map(jax.typeof, s)
+    for g in gs:
+      u, s = jax.jit(tx.update)(g, s, p)
+      assert jax.tree.map(jax.typeof, s) == types
+      p = optax.apply_updates(p, u)
+    return p
+
+  want = run(jax.tree.map(jnp.asarray, params),
+             [jax.tree.map(jnp.asarray, g) for g in grads])
+  with jax.set_mesh(mesh):
+    put = lambda t: {k: jax.device_put(v, jax.sharding.NamedSharding(
+        mesh, specs[k])) for k, v in t.items()}
+    got = run(put(params), [put(g) for g in grads])
+    for k in shapes:
+      assert jax.typeof(got[k]).sharding.spec == specs[k]
+  for k in shapes:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
