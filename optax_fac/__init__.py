@@ -24,6 +24,13 @@ from optax_fac.memory import state_elements
 from optax_fac.memory import state_report
 from optax_fac.memory import state_shapes
 from optax_fac.memory import state_size
+from optax_fac.rotation import SvdRotationState
+from optax_fac.rotation import adadiag
+from optax_fac.rotation import adadiag_pp
+from optax_fac.rotation import adafac_diag
+from optax_fac.rotation import adafac_diag_pp
+from optax_fac.rotation import hfac_diag
+from optax_fac.rotation import svd_rotation
 from optax_fac.sharding import LeafInfo
 from optax_fac.sharding import register_state_rule
 from optax_fac.sharding import state_partition_report
@@ -56,6 +63,11 @@ __all__ = (
     'SMMFState',
     'SubsetNormState',
     'SubspaceMomentumState',
+    'SvdRotationState',
+    'adadiag',
+    'adadiag_pp',
+    'adafac_diag',
+    'adafac_diag_pp',
     'adafactor_momentum',
     'adagrad_sn',
     'adam_fallback',
@@ -63,6 +75,7 @@ __all__ = (
     'adam_snsm',
     'add_decayed_updated_weights',
     'hfac',
+    'hfac_diag',
     'lion_factor',
     'named_optimizer',
     'register_state_rule',
@@ -86,4 +99,5 @@ __all__ = (
     'state_shapes',
     'state_shardings',
     'state_size',
+    'svd_rotation',
 )

@@ -1,0 +1,942 @@
+"""Rotation into the gradient's singular basis: the AdaDiag family.
+
+ALGORITHMS.md §3 (see ../shared/ALGORITHMS.md). :func:`svd_rotation` wraps any
+shape-preserving transform ``inner``: it rotates each matrix gradient G into
+the basis of G's singular vectors (refreshed from the current gradient at
+t = 1 and every ``every`` steps), runs ``inner`` there and rotates the result
+back. The named optimizers ``adadiag``, ``adadiag_pp``, ``adafac_diag``,
+``adafac_diag_pp`` and ``hfac_diag`` are at the end of this file.
+
+Cost model (what a step pays):
+
+* a non-refresh step: the rotation matmuls only (two products per rotated
+  side: forward Pᵀ G Q and back P D̃ Qᵀ), as float32 ``lax.dot_general`` on the
+  leaf's own layout (no reshape or transpose of the gradient), at the
+  ``precision`` the user asks for (default: JAX's default precision, i.e.
+  TF32 tensor cores on recent NVIDIA GPUs and full float32 on CPU);
+* a refresh step additionally: ONE ``lax.cond`` on the wrapper's scalar
+  counter for the whole tree; inside it, the Gram matrices of equal size from
+  all leaves and sides are stacked into one batched ``eigh`` (or the matrices
+  of equal shape into one batched ``svd``).
+
+References:
+  Nguyen et al., `Improving Adaptive Moment Optimization via Preconditioner
+  Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from optax_fac import _common
+from optax_fac import alias
+from optax_fac import factored
+from optax_fac.hfac import scale_by_hfac
+from optax_fac import matrix
+from optax_fac import sharding
+
+SIDES = ('one', 'two')
+BASES = ('eigh', 'svd', 'identity')
+CARRIES = ('keep', 'rotate')
+
+
+class SvdRotationState(NamedTuple):
+  """State of :func:`svd_rotation`."""
+  count: jax.Array  # shape=(), dtype=jnp.int32.
+  left: Any         # per leaf: P, shape (*batch, m, m), or None (unrotated)
+  right: Any        # per leaf: Q, shape (*batch, n, n), or None (unrotated)
+  inner_state: Any  # the inner transform's state (in rotated coordinates)
+
+
+# --------------------------------------------------------------------------
+# Which sides of a leaf are rotated.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static per-leaf facts: shapes and which sides get a basis."""
+  view: matrix.MatrixView
+  shape: tuple
+  left: bool
+  right: bool
+
+  @property
+  def m(self) -> int:
+    return self.view.dims(self.shape)[0]
+
+  @property
+  def n(self) -> int:
+    return self.view.dims(self.shape)[1]
+
+  @property
+  def batch_shape(self) -> tuple:
+    return self.view.batch_shape(self.shape)
+
+  @property
+  def nbatch(self) -> int:
+    return math.prod(self.batch_shape)
+
+  @property
+  def rotated(self) -> bool:
+    return self.left or self.right
+
+  def side_axes(self, side: str) -> tuple:
+    return self.view.rows if side == 'left' else self.view.cols
+
+  def side_dim(self, side: str) -> int:
+    return self.m if side == 'left' else self.n
+
+
+def _plan(shape: Sequence[int], view: Optional[matrix.MatrixView], sides: str,
+          max_dim: int) -> _Plan:
+  """ALGORITHMS.md §3: smaller side (tie: rows) or both; none above max_dim."""
+  shape = tuple(shape)
+  if view is None:
+    return _Plan(matrix.MatrixView((), ()), shape, False, False)
+  m, n = view.dims(shape)
+  if sides == 'one':
+    left = m <= n and m <= max_dim
+    right = n < m and n <= max_dim
+  else:
+    left, right = m <= max_dim, n <= max_dim
+  return _Plan(view, shape, left, right)
+
+
+def rotated_sides(shape: Sequence[int], view: Optional[matrix.MatrixView] = None,
+                  *, sides: str = 'one', max_dim: int = 8192
+                  ) -> tuple[bool, bool]:
+  """Which sides (left = rows, right = columns) of a leaf get a basis.
+
+  Args:
+    shape: the leaf's shape.
+    view: its :class:`optax_fac.MatrixView` (default view if None; leaves
+      with ndim <= 1 are never rotated).
+    sides: "one" or "two".
+    max_dim: sides longer than this stay unrotated.
+
+  Returns:
+    ``(left, right)`` booleans.
+  """
+  if view is None:
+    view = matrix.default_view(shape)
+  else:
+    view = view.normalized(len(shape))
+  p = _plan(shape, view, sides, max_dim)
+  return p.left, p.right
+
+
+# --------------------------------------------------------------------------
+# Linear algebra in the leaf's own layout (no reshape of the gradient, so that
+# sharded leaves stay sharded under an explicit mesh).
+
+
+def _explicit_mesh() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return (not mesh.empty) and any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def _spec(x) -> tuple:
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _dot(lhs, rhs, dims, out_spec_fn, precision):
+  """``lax.dot_general`` in float32; under an explicit mesh the output spec is
+  given (contracting a sharded axis is otherwise ambiguous)."""
+  out_sharding = jax.P(*out_spec_fn()) if _explicit_mesh() else None
+  return lax.dot_general(lhs, rhs, dims, precision=precision,
+                         preferred_element_type=lhs.dtype,
+                         out_sharding=out_sharding)
+
+
+def _to_leaf_layout(y, out_axes):
+  """``y``'s axis k is leaf axis ``out_axes[k]``: transpose to leaf order."""
+  if tuple(out_axes) == tuple(range(len(out_axes))):
+    return y
+  return jnp.transpose(y, np.argsort(out_axes))
+
+
+def _basis_tensor(b, plan: _Plan, side: str):
+  """(*batch, k, k) -> (*batch, *side_shape, *side_shape)."""
+  axes = plan.side_axes(side)
+  if len(axes) == 1:
+    return b
+  dims = tuple(plan.shape[a] for a in axes)
+  return b.reshape(plan.batch_shape + dims + dims)
+
+
+def _rotate_side(x, b, plan: _Plan, side: str, transpose: bool, precision):
+  """Left: Pᵀ X (transpose) or P X.  Right: X Q (transpose) or X Qᵀ.
+
+  ``x`` is leaf-shaped; the basis index is flattened from the side's axes in
+  the view's order (as :meth:`MatrixView.to_matrix` does).
+  """
+  v = plan.view
+  nb = len(v.batch)
+  axes = plan.side_axes(side)
+  k = len(axes)
+  bt = _basis_tensor(b, plan, side)
+  first, second = tuple(range(nb, nb + k)), tuple(range(nb + k, nb + 2 * k))
+  other = tuple(sorted(v.cols if side == 'left' else v.rows))
+  if side == 'left':
+    # Pᵀ X: out[b, i', c] = Σ_i P[b, i, i'] X[b, i, c]; P X contracts i'.
+    dims = ((first if transpose else second, axes), (tuple(range(nb)), v.batch))
+    out_axes = v.batch + axes + other
+    out = _dot(bt, x, dims, lambda: [_spec(x)[a] for a in out_axes], precision)
+  else:
+    # X Q: out[b, r, j'] = Σ_j X[b, r, j] Q[b, j, j']; X Qᵀ contracts j'.
+    dims = ((axes, first if transpose else second), (v.batch, tuple(range(nb))))
+    out_axes = v.batch + other + axes
+    out = _dot(x, bt, dims, lambda: [_spec(x)[a] for a in out_axes], precision)
+  return _to_leaf_layout(out, out_axes)
+
+
+def _forward(x, left, right, plan: _Plan, precision):
+  """G̃ = Pᵀ G Q (with the identity on unrotated sides)."""
+  if plan.left:
+    x = _rotate_side(x, left, plan, 'left', True, precision)
+  if plan.right:
+    x = _rotate_side(x, right, plan, 'right', True, precision)
+  return x
+
+
+def _backward(x, left, right, plan: _Plan, precision):
+  """D = P D̃ Qᵀ (with the identity on unrotated sides)."""
+  if plan.left:
+    x = _rotate_side(x, left, plan, 'left', False, precision)
+  if plan.right:
+    x = _rotate_side(x, right, plan, 'right', False, precision)
+  return x
+
+
+def _flat_batch_spec(x, plan: _Plan):
+  spec = _spec(x)
+  if len(plan.view.batch) == 1:
+    return (spec[plan.view.batch[0]],)
+  return (None,) * min(1, len(plan.view.batch))
+
+
+def _gram(x, plan: _Plan, side: str):
+  """G Gᵀ (left) or Gᵀ G (right) as (B, k, k), full float32 precision."""
+  v = plan.view
+  axes = plan.side_axes(side)
+  other = v.cols if side == 'left' else v.rows
+  dims = ((other, other), (v.batch, v.batch))
+  srt = tuple(sorted(axes))
+  bspec = lambda: [_spec(x)[a] for a in v.batch] + [None] * (2 * len(axes))
+  g = _dot(x, x, dims, bspec, lax.Precision.HIGHEST)
+  nb = len(v.batch)
+  if srt != axes:  # free dims come in sorted axis order; we need view order
+    pos = [srt.index(a) for a in axes]
+    perm = (tuple(range(nb)) + tuple(nb + p for p in pos)
+            + tuple(nb + len(axes) + p for p in pos))
+    g = jnp.transpose(g, perm)
+  k = plan.side_dim(side)
+  return _reshape(g, (plan.nbatch, k, k), lambda: _flat_batch_spec(x, plan)
+                  + (None, None))
+
+
+def _as_matrix(x, plan: _Plan):
+  """The leaf as (B, m, n) (for the SVD path)."""
+  v = plan.view
+  perm = v.batch + v.rows + v.cols
+  y = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+  return _reshape(y, (plan.nbatch, plan.m, plan.n),
+                  lambda: _flat_batch_spec(x, plan) + (None, None))
+
+
+def _like(x, ref):
+  """Under an explicit mesh, gives ``x`` the sharding of ``ref``."""
+  if _explicit_mesh():
+    return jax.sharding.reshard(x, jax.P(*_spec(ref)))
+  return x
+
+
+def _reshape(x, shape, spec_fn):
+  if tuple(x.shape) == tuple(shape):
+    return x
+  if _explicit_mesh():
+    return lax.reshape(x, shape, out_sharding=jax.P(*spec_fn()))
+  return x.reshape(shape)
+
+
+# --------------------------------------------------------------------------
+# Decompositions (module-level so tests can count their calls).
+
+
+def fix_signs(vecs: jax.Array) -> jax.Array:
+  """Flips each column so that its largest-magnitude entry is positive.
+
+  The sign convention of ALGORITHMS.md §3 [decided]: deterministic bases
+  across backends, and consecutive refreshes do not flip stale momentum.
+  """
+  idx = jnp.argmax(jnp.abs(vecs), axis=-2)
+  pivot = jnp.take_along_axis(vecs, idx[..., None, :], axis=-2)
+  return vecs * jnp.where(pivot < 0, -1.0, 1.0).astype(vecs.dtype)
+
+
+def eigh_descending(gram: jax.Array) -> jax.Array:
+  """Eigenvectors of symmetric (B, k, k) matrices, eigenvalues descending."""
+  _, vecs = jnp.linalg.eigh(gram)
+  return vecs[..., ::-1]
+
+
+def svd_vectors(mats: jax.Array, full_matrices: bool):
+  """Left and right singular vectors (as columns) of (B, m, n) matrices."""
+  u, _, vh = jnp.linalg.svd(mats, full_matrices=full_matrices)
+  return u, jnp.swapaxes(vh, -1, -2)
+
+
+def _all_finite(x):
+  return jnp.all(jnp.isfinite(x), axis=(-2, -1))
+
+
+def _new_bases(xs, plans, basis):
+  """{(leaf, side): ((B, k, k) vectors, (B,) ok)} from batched decompositions.
+
+  Same-size requests from all leaves and sides are stacked into one call.
+  """
+  out = {}
+  if basis == 'eigh':
+    groups: dict = {}
+    for i, (x, plan) in enumerate(zip(xs, plans)):
+      for side in ('left', 'right'):
+        if getattr(plan, side):
+          groups.setdefault(plan.side_dim(side), []).append(
+              ((i, side), _gram(x, plan, side)))
+    for items in groups.values():
+      grams = [g for _, g in items]
+      stacked = grams[0] if len(grams) == 1 else jnp.concatenate(grams, 0)
+      vecs = fix_signs(eigh_descending(stacked))
+      ok = _all_finite(vecs) & _all_finite(stacked)
+      start = 0
+      for key, g in items:
+        stop = start + g.shape[0]
+        out[key] = (vecs[start:stop], ok[start:stop])
+        start = stop
+  else:  # 'svd'
+    groups = {}
+    for i, (x, plan) in enumerate(zip(xs, plans)):
+      if plan.rotated:
+        full = plan.left and plan.right
+        groups.setdefault((plan.m, plan.n, full), []).append(
+            (i, _as_matrix(x, plan)))
+    for (_, _, full), items in groups.items():
+      mats = [a for _, a in items]
+      stacked = mats[0] if len(mats) == 1 else jnp.concatenate(mats, 0)
+      u, v = svd_vectors(stacked, full)
+      u, v = fix_signs(u), fix_signs(v)
+      ok = _all_finite(u) & _all_finite(v) & _all_finite(stacked)
+      start = 0
+      for i, a in items:
+        stop = start + a.shape[0]
+        if plans[i].left:
+          out[(i, 'left')] = (u[start:stop], ok[start:stop])
+        if plans[i].right:
+          out[(i, 'right')] = (v[start:stop], ok[start:stop])
+        start = stop
+  return out
+
+
+# --------------------------------------------------------------------------
+# carry="rotate": find the inner first moment(s).
+
+
+def _map_first_moments(state, structure, fn):
+  """Applies ``fn`` to every ``mu`` field of a NamedTuple in ``state`` whose
+  tree structure is ``structure`` (the updates'). Returns (new state, found)."""
+  found = [False]
+
+  def walk(node):
+    if isinstance(node, tuple) and hasattr(node, '_fields'):
+      fields = {}
+      for name in node._fields:
+        value = getattr(node, name)
+        if (name == 'mu' and value is not None
+            and jax.tree.structure(value) == structure):
+          found[0] = True
+          fields[name] = fn(value)
+        else:
+          fields[name] = walk(value)
+      return type(node)(**fields)
+    if isinstance(node, (list, tuple)):
+      return type(node)(walk(c) for c in node)
+    if isinstance(node, dict):
+      return type(node)((k, walk(c)) for k, c in node.items())
+    return node
+
+  return walk(state), found[0]
+
+
+# --------------------------------------------------------------------------
+# The wrapper.
+
+
+def svd_rotation(
+    inner: optax.GradientTransformation,
+    *,
+    sides: str = 'one',
+    every: int = 200,
+    max_dim: int = 8192,
+    basis: str = 'eigh',
+    carry: str = 'keep',
+    precision: Any = None,
+    basis_dtype: Any = jnp.float32,
+    views: matrix.ViewSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs ``inner`` in the singular basis of the gradient (ALGORITHMS.md §3).
+
+  For each matrix leaf (see :mod:`optax_fac.matrix` for views) with gradient
+  G ∈ R^{m×n}:
+
+  * ``sides="one"`` (AdaDiag): rotate the smaller side only:
+    if m ≤ n, G̃ = Pᵀ G and D = P D̃; else G̃ = G Q and D = D̃ Qᵀ.
+    Tie m = n: the rows (input side in the (in, out) view) [decided].
+  * ``sides="two"`` (AdaDiag++): G̃ = Pᵀ G Q and D = P D̃ Qᵀ.
+  * A side longer than ``max_dim`` is never rotated [decided, like SOAP's
+    max_precond_dim]. Leaves with ndim ≤ 1 pass to ``inner`` unrotated.
+
+  P (m×m) and Q (n×n) are the left and right singular vectors of the current
+  gradient, recomputed at t = 1 and whenever (t − 1) mod ``every`` == 0, in
+  ``basis_dtype`` (float32), with the sign convention "largest-magnitude
+  entry of each vector is positive" [decided]. A decomposition that is not
+  finite keeps the previous basis (identity at t = 1). At a refresh step the
+  two-sided rotated gradient keeps only its diagonal [decided]: in exact
+  arithmetic it is diagonal, and its float32 roundoff would otherwise become
+  O(1) Adam updates. The inner state is kept as it is when the basis changes
+  (``carry="keep"``, the paper); ``carry="rotate"`` re-expresses every
+  first moment ``mu`` of the inner state (``scale_by_adam``, ``scale_by_lion``,
+  ``scale_by_factored_rms(b1=...)``) in the new basis,
+  M̃ ← P_newᵀ P_old M̃ Q_oldᵀ Q_new, as SOAP does [decided]; second moments are
+  kept (eigenvalues are always sorted descending, so index i stays the i-th
+  singular direction).
+
+  ``inner`` may be any shape-preserving transform that does not need
+  ``params`` (it is called with ``params=None``: weight decay belongs outside
+  the rotation, in the original coordinates). It receives the rotated
+  gradients in the gradient dtype; the named optimizers wrap the whole
+  rotation in :func:`optax_fac.scale_in_float32`, so that for bf16 params the
+  rotation and the inner statistics are float32.
+
+  Performance: a non-refresh step costs the rotation matmuls only; the
+  refresh runs under one ``lax.cond`` on this wrapper's counter for the whole
+  tree, with same-size decompositions batched. Inside ``optax.MultiSteps``
+  the inner update (and so this wrapper) runs on every micro-step with the
+  state of the last real step, so the counter and the refresh predicate are
+  the same for all micro-steps of one real step: a non-refresh real step
+  decomposes nothing, and a refresh real step decomposes once per micro-step
+  (each from the gradient accumulated so far; MultiSteps keeps only the last,
+  computed from the full accumulated gradient). Amortised cost: k/``every``
+  decompositions per real step for k micro-steps.
+
+  Args:
+    inner: the transform to run in rotated coordinates (e.g.
+      ``optax.scale_by_adam()``, ``optax.scale_by_lion()``,
+      :func:`optax_fac.scale_by_factored_rms`, :func:`optax_fac.scale_by_hfac`
+      built with the same ``views``).
+    sides: "one" (smaller side) or "two" (both sides).
+    every: refresh period T (static: list it in ``static_args`` of
+      ``optax.inject_hyperparams``).
+    max_dim: sides longer than this are not rotated (static).
+    basis: "eigh" (default [decided]: eigenvectors of G Gᵀ / Gᵀ G, eigenvalues
+      sorted descending; about 10x faster than SVD on an H100), "svd" (full
+      SVD), or "identity" (P = Q = I forever: for testing; the named
+      optimizer then equals its base optimizer).
+    carry: "keep" (paper) or "rotate" (see above).
+    precision: ``lax.dot_general`` precision of the rotation matmuls. None =
+      JAX's default (TF32 on recent NVIDIA GPUs, bf16 passes on TPU, full
+      float32 on CPU); "highest" for full float32 everywhere. The Gram
+      matrices of the refresh always use full float32.
+    basis_dtype: dtype of P, Q and of the rotation arithmetic (float32).
+    views: per-leaf :class:`optax_fac.MatrixView` override. Batch axes
+      (stacked layers) get one basis per batch element.
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`, with
+    state :class:`SvdRotationState`. Memory: the inner state plus
+    min(m, n)² (one-sided) or m² + n² (two-sided) per matrix.
+
+  References:
+    Nguyen et al., `Improving Adaptive Moment Optimization via
+    Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
+  """
+  if sides not in SIDES:
+    raise ValueError(f'sides must be one of {SIDES}, got {sides!r}.')
+  if basis not in BASES:
+    raise ValueError(f'basis must be one of {BASES}, got {basis!r}.')
+  if carry not in CARRIES:
+    raise ValueError(f'carry must be one of {CARRIES}, got {carry!r}.')
+  _common.check_positive_int('every', every)
+  _common.check_positive_int('max_dim', max_dim)
+  basis_dtype = jnp.dtype(basis_dtype)
+  if not jnp.issubdtype(basis_dtype, jnp.floating):
+    raise ValueError(f'basis_dtype must be a float dtype, got {basis_dtype}.')
+  inner = optax.with_extra_args_support(inner)
+
+  def plans_for(tree):
+    views_tree = matrix.resolve_views(tree, views, vectors=False)
+    treedef = jax.tree.structure(tree)
+    return [_plan(leaf.shape, view, sides, max_dim) for leaf, view in
+            zip(jax.tree.leaves(tree), treedef.flatten_up_to(views_tree))]
+
+  def init_fn(params):
+    _common.check_float_params(params, 'svd_rotation')
+    treedef = jax.tree.structure(params)
+    plans = plans_for(params)
+
+    def eye(plan, side):
+      if not getattr(plan, side):
+        return None
+      k = plan.side_dim(side)
+      return jnp.broadcast_to(jnp.eye(k, dtype=basis_dtype),
+                              plan.batch_shape + (k, k))
+
+    left = jax.tree.unflatten(treedef, [eye(p, 'left') for p in plans])
+    right = jax.tree.unflatten(treedef, [eye(p, 'right') for p in plans])
+    inner_state = inner.init(params)
+    if carry == 'rotate':
+      _, found = _map_first_moments(inner_state, treedef, lambda x: x)
+      if not found:
+        raise ValueError(
+            "svd_rotation(carry='rotate') found no first moment `mu` with the "
+            'params\' structure in the inner state; use carry="keep" or an '
+            'inner transform with a full first moment (e.g. scale_by_adam).')
+    return SvdRotationState(count=_common.zero_count(), left=left,
+                            right=right, inner_state=inner_state)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    treedef = jax.tree.structure(updates)
+    try:
+      lefts = treedef.flatten_up_to(state.left)
+      rights = treedef.flatten_up_to(state.right)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          'svd_rotation: the updates tree does not match the tree the '
+          f'optimizer was initialised with: {e}') from None
+    plans = plans_for(updates)
+    grads = jax.tree.leaves(updates)
+    for g, plan, l, r in zip(grads, plans, lefts, rights):
+      for side, b in (('left', l), ('right', r)):
+        want = (plan.batch_shape + (plan.side_dim(side),) * 2
+                if getattr(plan, side) else None)
+        got = None if b is None else tuple(b.shape)
+        if want != got:
+          raise ValueError(
+              f'svd_rotation: update of shape {tuple(g.shape)} does not match '
+              f'the state built at init ({side} basis {got}, expected {want}).')
+
+    count = _common.increment(state.count)
+    xs = [g.astype(basis_dtype) if p.rotated else None
+          for g, p in zip(grads, plans)]
+    inner_state = state.inner_state
+    fresh = [None] * len(plans)
+    two_sided = [p.left and p.right for p in plans]
+
+    if basis != 'identity' and any(p.rotated for p in plans):
+
+      def refresh_fn(xs, lefts, rights, inner_state):
+        new = _new_bases(xs, plans, basis)
+        new_l, new_r, fresh = [], [], []
+        for i, plan in enumerate(plans):
+          oks = []
+          for side, olds, outs in (('left', lefts, new_l),
+                                   ('right', rights, new_r)):
+            if not getattr(plan, side):
+              outs.append(None)
+              continue
+            vecs, ok = new[(i, side)]
+            k = plan.side_dim(side)
+            old = olds[i]
+            vecs = vecs.reshape(plan.batch_shape + (k, k)).astype(old.dtype)
+            ok = ok.reshape(plan.batch_shape)
+            outs.append(jnp.where(ok[..., None, None], _like(vecs, old), old))
+            oks.append(ok)
+          fresh.append(oks[0] & oks[1] if two_sided[i] else None)
+        if inner_state is not None:
+          flat_state = (lefts, rights, new_l, new_r)
+
+          def rotate_mu(mu):
+            mus = treedef.flatten_up_to(mu)
+            out = []
+            for i, (m, plan) in enumerate(zip(mus, plans)):
+              if not plan.rotated:
+                out.append(m)
+                continue
+              ol, orr, nl, nr = (s[i] for s in flat_state)
+              y = _backward(m.astype(basis_dtype), ol, orr, plan,
+                            lax.Precision.HIGHEST)
+              y = _forward(y, nl, nr, plan, lax.Precision.HIGHEST)
+              out.append(y.astype(m.dtype))
+            return jax.tree.unflatten(treedef, out)
+
+          inner_state, _ = _map_first_moments(inner_state, treedef, rotate_mu)
+        return new_l, new_r, fresh, inner_state
+
+      def keep_fn(xs, lefts, rights, inner_state):
+        del xs
+        fresh = [jnp.zeros(p.batch_shape, bool) if t else None
+                 for p, t in zip(plans, two_sided)]
+        return list(lefts), list(rights), fresh, inner_state
+
+      refresh = (count - 1) % every == 0
+      carried = inner_state if carry == 'rotate' else None
+      lefts, rights, fresh, carried = lax.cond(
+          refresh, refresh_fn, keep_fn, xs, list(lefts), list(rights),
+          carried)
+      if carry == 'rotate':
+        inner_state = carried
+
+    rotated = []
+    for g, x, plan, l, r, f in zip(grads, xs, plans, lefts, rights, fresh):
+      if not plan.rotated:
+        rotated.append(g)
+        continue
+      y = _forward(x, l, r, plan, precision)
+      if f is not None:
+        y = jnp.where(_diagonal_or_stale(plan, f), y, 0.0)
+      rotated.append(y.astype(g.dtype))
+    rotated = jax.tree.unflatten(treedef, rotated)
+
+    inner_out, inner_state = inner.update(rotated, inner_state, None,
+                                          **extra_args)
+    outs = []
+    for d, g, plan, l, r in zip(treedef.flatten_up_to(inner_out), grads, plans,
+                                lefts, rights):
+      if not plan.rotated:
+        outs.append(d)
+        continue
+      y = _backward(d.astype(basis_dtype), l, r, plan, precision)
+      outs.append(y.astype(g.dtype))
+    new_state = SvdRotationState(
+        count=count, left=jax.tree.unflatten(treedef, lefts),
+        right=jax.tree.unflatten(treedef, rights), inner_state=inner_state)
+    return jax.tree.unflatten(treedef, outs), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _diagonal_or_stale(plan: _Plan, fresh: jax.Array) -> jax.Array:
+  """Mask (leaf layout): True off a freshly refreshed matrix, else diagonal.
+
+  Built from iotas (fused by XLA, never stored).
+  """
+  v = plan.view
+  shape = plan.shape
+
+  def flat_index(axes):
+    idx, stride = 0, 1
+    for a in reversed(axes):
+      idx = idx + lax.broadcasted_iota(jnp.int32, shape, a) * stride
+      stride *= shape[a]
+    return idx
+
+  diag = flat_index(v.rows) == flat_index(v.cols)
+  srt = tuple(sorted(v.batch))
+  fresh = jnp.transpose(fresh, [v.batch.index(a) for a in srt])
+  fresh = jnp.expand_dims(fresh, tuple(sorted(v.rows + v.cols)))
+  return diag | ~fresh
+
+
+sharding.register_state_rule(SvdRotationState, {
+    'count': 'scalar', 'left': 'row_basis', 'right': 'col_basis',
+    'inner_state': 'state'})
+
+
+# --------------------------------------------------------------------------
+# Named optimizers (ALGORITHMS.md §3).
+
+
+def _rotated_named(inner, *, sides, every, max_dim, basis, carry, precision,
+                   views, learning_rate, weight_decay, weight_decay_mask, mask,
+                   fallback):
+  method = alias.scale_in_float32(svd_rotation(
+      inner, sides=sides, every=every, max_dim=max_dim, basis=basis,
+      carry=carry, precision=precision, views=views))
+  return alias.named_optimizer(
+      method, learning_rate=learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask, views=views,
+      fallback=fallback)
+
+
+_COMMON_ARGS_DOC = """    weight_decay: λ of the decoupled decay W ← W − η(D + λW), applied in the
+      original coordinates.
+    weight_decay_mask: which leaves are decayed (optax.add_decayed_weights).
+    mask: which leaves get the rotated method (bool tree or callable of
+      params); None = every matrix leaf. The paper-faithful LLaMA recipes
+      exclude the token embedding (it then gets the Adam fallback).
+    every: basis refresh period T (static under optax.inject_hyperparams).
+    max_dim: sides longer than this are not rotated (static).
+    basis: "eigh" (default), "svd" or "identity" (static; see
+      :func:`svd_rotation`).
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+    precision: precision of the rotation matmuls (see :func:`svd_rotation`).
+"""
+
+
+def _with_common_args(fn):
+  fn.__doc__ = fn.__doc__.replace('    {common_args}\n', _COMMON_ARGS_DOC + '\n')
+  return fn
+
+
+@_with_common_args
+def adadiag(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: alias.MaskOrFn = None,
+    mask: alias.MaskOrFn = None,
+    *,
+    every: int = 200,
+    max_dim: int = 8192,
+    basis: str = 'eigh',
+    carry: str = 'keep',
+    views: matrix.ViewSpec = None,
+    precision: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaDiag: Adam in the one-sided singular basis (ALGORITHMS.md §3).
+
+  ``svd_rotation(scale_by_adam(b1, b2, eps), sides="one")`` on matrices (float32
+  statistics), Adam with the same β1, β2, ε on other leaves; then decoupled
+  weight decay and the learning rate. With ``basis="identity"`` it equals
+  ``optax.adamw`` with float32 moments. Memory 2mn + min(m, n)² per matrix.
+
+  Args:
+    learning_rate: a float or an optax schedule (η).
+    b1, b2, eps: Adam's β1, β2, ε.
+    carry: "keep" (paper) or "rotate" the first moment at a refresh.
+    {common_args}
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_fac
+    >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}
+    >>> tx = optax_fac.adadiag(learning_rate=1e-2)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Nguyen et al., `Improving Adaptive Moment Optimization via
+    Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
+  """
+  return _rotated_named(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='one', every=every,
+      max_dim=max_dim, basis=basis, carry=carry, precision=precision,
+      views=views, learning_rate=learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask,
+      fallback=alias.adam_fallback(b1, b2, eps))
+
+
+@_with_common_args
+def adadiag_pp(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: alias.MaskOrFn = None,
+    mask: alias.MaskOrFn = None,
+    *,
+    every: int = 200,
+    max_dim: int = 8192,
+    basis: str = 'eigh',
+    carry: str = 'keep',
+    views: matrix.ViewSpec = None,
+    precision: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaDiag++: Adam in the two-sided singular basis (ALGORITHMS.md §3).
+
+  ``svd_rotation(scale_by_adam(b1, b2, eps), sides="two")`` on matrices, Adam
+  elsewhere. At t = 1 (with a tiny ε) the step is the polar factor U Vᵀ of
+  the gradient. Memory 2mn + m² + n² per matrix.
+
+  Args:
+    learning_rate: a float or an optax schedule (η).
+    b1, b2, eps: Adam's β1, β2, ε.
+    carry: "keep" (paper) or "rotate" the first moment at a refresh.
+    {common_args}
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen et al., `Improving Adaptive Moment Optimization via
+    Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
+  """
+  return _rotated_named(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='two', every=every,
+      max_dim=max_dim, basis=basis, carry=carry, precision=precision,
+      views=views, learning_rate=learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask,
+      fallback=alias.adam_fallback(b1, b2, eps))
+
+
+def _adafac_diag(sides, learning_rate, b1, b2, eps, clip_threshold,
+                 weight_decay, weight_decay_mask, mask, every, max_dim, basis,
+                 carry, views, precision, fallback_eps):
+  inner = factored.scale_by_factored_rms(b1, b2, eps, clip_threshold,
+                                         views=views)
+  return _rotated_named(
+      inner, sides=sides, every=every, max_dim=max_dim, basis=basis,
+      carry=carry, precision=precision, views=views,
+      learning_rate=learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask,
+      fallback=alias.adam_fallback(0.9 if b1 is None else b1, b2,
+                                   fallback_eps))
+
+
+@_with_common_args
+def adafac_diag(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: Optional[float] = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-30,
+    clip_threshold: Optional[float] = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: alias.MaskOrFn = None,
+    mask: alias.MaskOrFn = None,
+    *,
+    every: int = 200,
+    max_dim: int = 8192,
+    basis: str = 'eigh',
+    carry: str = 'keep',
+    views: matrix.ViewSpec = None,
+    precision: Any = None,
+    fallback_eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdafacDiag: factored second moment in the one-sided basis (§3).
+
+  ``svd_rotation(scale_by_factored_rms(b1, b2, eps, clip_threshold),
+  sides="one")`` on matrices; ``b1=None`` is AdafacDiag without momentum
+  (memory m + n + min(m, n)²), a float with momentum on the gradient (memory
+  mn + m + n + min(m, n)²). Other leaves get Adam (β1 = ``b1`` or 0.9, β2,
+  ``fallback_eps``). With ``basis="identity"`` it equals
+  :func:`optax_fac.adafactor_momentum`.
+
+  Args:
+    learning_rate: a float or an optax schedule (η).
+    b1: momentum decay, or None (no first moment).
+    b2: second-moment decay.
+    eps: ε₁ added to G² (float32).
+    clip_threshold: update clipping threshold d (None = off).
+    carry: "keep" (paper) or "rotate" the first moment (needs ``b1``).
+    fallback_eps: Adam's ε on non-matrix leaves.
+    {common_args}
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen et al., `Improving Adaptive Moment Optimization via
+    Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
+  """
+  return _adafac_diag('one', learning_rate, b1, b2, eps, clip_threshold,
+                      weight_decay, weight_decay_mask, mask, every, max_dim,
+                      basis, carry, views, precision, fallback_eps)
+
+
+@_with_common_args
+def adafac_diag_pp(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: Optional[float] = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-30,
+    clip_threshold: Optional[float] = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: alias.MaskOrFn = None,
+    mask: alias.MaskOrFn = None,
+    *,
+    every: int = 200,
+    max_dim: int = 8192,
+    basis: str = 'eigh',
+    carry: str = 'keep',
+    views: matrix.ViewSpec = None,
+    precision: Any = None,
+    fallback_eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdafacDiag++: factored second moment in the two-sided basis (§3).
+
+  As :func:`adafac_diag` with ``sides="two"``: memory (m + n or mn + m + n)
+  + m² + n² per matrix.
+
+  Args:
+    learning_rate: a float or an optax schedule (η).
+    b1: momentum decay, or None (no first moment).
+    b2: second-moment decay.
+    eps: ε₁ added to G² (float32).
+    clip_threshold: update clipping threshold d (None = off).
+    carry: "keep" (paper) or "rotate" the first moment (needs ``b1``).
+    fallback_eps: Adam's ε on non-matrix leaves.
+    {common_args}
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen et al., `Improving Adaptive Moment Optimization via
+    Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
+  """
+  return _adafac_diag('two', learning_rate, b1, b2, eps, clip_threshold,
+                      weight_decay, weight_decay_mask, mask, every, max_dim,
+                      basis, carry, views, precision, fallback_eps)
+
+
+@_with_common_args
+def hfac_diag(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-30,
+    clip_threshold: Optional[float] = 1.0,
+    weight_decay: float = 0.0,
+    weight_decay_mask: alias.MaskOrFn = None,
+    mask: alias.MaskOrFn = None,
+    *,
+    every: int = 200,
+    max_dim: int = 8192,
+    basis: str = 'eigh',
+    views: matrix.ViewSpec = None,
+    precision: Any = None,
+    fallback_eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""HfacDiag: H-Fac in the one-sided singular basis (ALGORITHMS.md §3).
+
+  ``svd_rotation(scale_by_hfac(b1, b2, eps, clip_threshold), sides="one")`` on
+  matrices, Adam (β1, β2, ``fallback_eps``) elsewhere. With
+  ``basis="identity"`` it equals :func:`optax_fac.hfac`. Memory
+  2(m + n) + min(m, n)² per matrix. H-Fac's momentum is factored, so there is
+  no ``carry="rotate"`` option.
+
+  Args:
+    learning_rate: a float or an optax schedule (η).
+    b1: momentum decay β1.
+    b2: second-moment decay β2.
+    eps: ε₁ added to G² (float32).
+    clip_threshold: d of the update clipping (None = off).
+    fallback_eps: Adam's ε on non-matrix leaves.
+    {common_args}
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Nguyen et al., `Improving Adaptive Moment Optimization via
+    Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025;
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
+  """
+  inner = scale_by_hfac(b1, b2, eps, clip_threshold, views=views)
+  return _rotated_named(
+      inner, sides='one', every=every, max_dim=max_dim, basis=basis,
+      carry='keep', precision=precision, views=views,
+      learning_rate=learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask,
+      fallback=alias.adam_fallback(b1, b2, fallback_eps))

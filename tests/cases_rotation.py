@@ -1,0 +1,19 @@
+"""Contract cases for the AdaDiag family (ALGORITHMS.md §3, optax_fac.rotation)."""
+
+import optax_fac
+from contract import Case
+
+_STATIC = ('every', 'max_dim', 'basis')
+
+CASES = [
+    Case('adadiag', optax_fac.adadiag, dict(learning_rate=3e-2),
+         static_args=_STATIC),
+    Case('adadiag_pp', optax_fac.adadiag_pp, dict(learning_rate=3e-2),
+         static_args=_STATIC),
+    Case('adafac_diag', optax_fac.adafac_diag, dict(learning_rate=3e-2),
+         static_args=_STATIC),
+    Case('adafac_diag_pp', optax_fac.adafac_diag_pp, dict(learning_rate=3e-2),
+         static_args=_STATIC),
+    Case('hfac_diag', optax_fac.hfac_diag, dict(learning_rate=1e-2),
+         static_args=_STATIC),
+]
