@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax._src.base import NO_PARAMS_MSG
 
@@ -65,6 +66,57 @@ def _as_f32(tree: Any) -> Any:
                                   sharding=getattr(x, 'sharding', None))
     return x.astype(jnp.float32)
   return jax.tree.map(one, tree)
+
+
+def _explicit_mesh() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return (not mesh.empty) and any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def _spec(x) -> tuple:
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _to_matrix(x: jax.Array, view: matrix.MatrixView) -> jax.Array:
+  """``view.to_matrix`` that also works under an explicit mesh.
+
+  [decided] There, the matrix axes are gathered (batch axes keep their
+  sharding) before the reshape: the SVD needs whole matrices anyway, and the
+  heuristic subset norm (the default) never reshapes.
+  """
+  if not _explicit_mesh():
+    return view.to_matrix(x)
+  perm = view.batch + view.rows + view.cols
+  y = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+  nb = len(view.batch)
+  spec = _spec(y)[:nb] + (None,) * (y.ndim - nb)
+  if _spec(y) != spec:
+    y = jax.sharding.reshard(y, jax.P(*spec))
+  return _reshape_tail(y, view.batch_shape(x.shape) + view.dims(x.shape), nb)
+
+
+def _reshape_tail(x: jax.Array, shape, nb: int) -> jax.Array:
+  """Reshapes the non-batch axes of ``x`` (replicated under a mesh)."""
+  if not _explicit_mesh():
+    return x.reshape(shape)
+  spec = _spec(x)[:nb] + (None,) * (len(shape) - nb)
+  return jax.lax.reshape(x, tuple(shape), out_sharding=jax.P(*spec))
+
+
+def _from_matrix(y: jax.Array, view: matrix.MatrixView, like: jax.Array
+                 ) -> jax.Array:
+  """``view.from_matrix``; under an explicit mesh, sharded like ``like``."""
+  if not _explicit_mesh():
+    return view.from_matrix(y, like.shape)
+  perm = view.batch + view.rows + view.cols
+  x = _reshape_tail(y, tuple(like.shape[a] for a in perm), len(view.batch))
+  if perm != tuple(range(x.ndim)):
+    x = jnp.transpose(x, np.argsort(perm))
+  if _spec(x) != _spec(like):
+    x = jax.sharding.reshard(x, jax.P(*_spec(like)))
+  return x
 
 
 def _check_subset_size(subset_size: Any) -> None:
@@ -113,6 +165,41 @@ def _subset_norm_shape(shape, view, subset_size) -> tuple:
 
 # --------------------------------------------------------------------------
 # §5.1 Subset-Norm.
+
+
+def _subset_statistic(g32, view, subset_size):
+  """u: the per-subset sum of G² (one value per subset, see §5.1)."""
+  shape = g32.shape
+  m, n = view.dims(shape)
+  if isinstance(subset_size, str):
+    return (view.row_sum(g32 * g32) if _rows_are_subsets(m, n)
+            else view.col_sum(g32 * g32))
+  k = subset_length(m * n, subset_size)
+  if k == 1:  # element-wise, in the parameter's layout
+    return g32 * g32
+  nb = len(view.batch)
+  gs = _reshape_tail(_to_matrix(g32, view),
+                     view.batch_shape(shape) + (m * n // k, k), nb)
+  return jnp.sum(gs * gs, axis=-1)
+
+
+def _divide_by_subsets(num, den, view, subset_size):
+  """num / den with den (one value per subset) broadcast over each subset."""
+  shape = num.shape
+  m, n = view.dims(shape)
+  if isinstance(subset_size, str):
+    return (num / view.expand_rows(den) if _rows_are_subsets(m, n)
+            else num / view.expand_cols(den))
+  k = subset_length(m * n, subset_size)
+  if k == 1:
+    return num / den
+  nb = len(view.batch)
+  batch = view.batch_shape(shape)
+  ds = (_reshape_tail(_to_matrix(num, view), batch + (m * n // k, k), nb)
+        / den[..., None])
+  return _from_matrix(_reshape_tail(ds, batch + (m, n), nb), view, num)
+
+
 
 
 class SubsetNormState(NamedTuple):
@@ -190,8 +277,9 @@ def scale_by_subset_norm(
     _common.check_float_params(params, 'scale_by_subset_norm')
     views_tree = matrix.resolve_views(params, views, vectors=True)
     (nu,) = _common.map_leaves(
-        lambda p, view: (_common.zeros(expected_shape(p, view)),), 1, params,
-        params, views_tree)
+        lambda p, view: (_common.zeros_like_result(
+            lambda x: _subset_statistic(_common.f32(x), view, subset_size),
+            p),), 1, params, params, views_tree)
     inner_state = (optax.EmptyState() if inner is None
                    else inner.init(_as_f32(params)))
     return SubsetNormState(count=_common.zero_count(), nu=nu,
@@ -215,28 +303,9 @@ def scale_by_subset_norm(
       return jnp.where(beta2 == 1.0, nu + u, beta2 * nu + (1.0 - beta2) * u)
 
     def one(g, g32, num, nu, view):
-      num = _common.f32(num)
-      shape = g.shape
-      if isinstance(subset_size, str):
-        m, n = view.dims(shape)
-        if _rows_are_subsets(m, n):
-          nu = accumulate(nu, view.row_sum(g32 * g32))
-          d = num / view.expand_rows(jnp.sqrt(nu) + eps32)
-        else:
-          nu = accumulate(nu, view.col_sum(g32 * g32))
-          d = num / view.expand_cols(jnp.sqrt(nu) + eps32)
-      elif nu.shape == tuple(shape):  # k′ = 1: element-wise
-        nu = accumulate(nu, g32 * g32)
-        d = num / (jnp.sqrt(nu) + eps32)
-      else:
-        split = nu.shape + (-1,)
-        gs = view.to_matrix(g32).reshape(split)
-        nu = accumulate(nu, jnp.sum(gs * gs, axis=-1))
-        ds = view.to_matrix(num).reshape(split) / (jnp.sqrt(nu) + eps32)[
-            ..., None]
-        m, n = view.dims(shape)
-        d = view.from_matrix(ds.reshape(view.batch_shape(shape) + (m, n)),
-                             shape)
+      nu = accumulate(nu, _subset_statistic(g32, view, subset_size))
+      den = jnp.sqrt(nu) + eps32
+      d = _divide_by_subsets(_common.f32(num), den, view, subset_size)
       return d.astype(g.dtype), nu
 
     d, nu = _common.map_leaves(one, 2, updates, updates, g32, numer, state.nu,
@@ -295,6 +364,20 @@ def _top_singular_vectors(g: jax.Array, r: int, left: bool, method: str,
     top = w[..., ::-1][..., :r]  # eigenvalues ascending -> top r, descending
     vecs = top if left else jnp.swapaxes(top, -1, -2)
   return _fix_signs(vecs, axis=-2 if left else -1)
+
+
+def _project(g, basis, left, precision):
+  """p̃ = Aᵀ G (left, r x n) or G Bᵀ (right, m x r)."""
+  if left:
+    return jnp.einsum('...mr,...mn->...rn', basis, g, precision=precision)
+  return jnp.einsum('...mn,...rn->...mr', g, basis, precision=precision)
+
+
+def _project_back(y, basis, left, precision):
+  """back(Y) = A Y (left) or Y B (right), an (m, n) matrix."""
+  if left:
+    return jnp.einsum('...mr,...rn->...mn', basis, y, precision=precision)
+  return jnp.einsum('...mr,...rn->...mn', y, basis, precision=precision)
 
 
 def scale_by_subspace_momentum(
@@ -380,8 +463,16 @@ def scale_by_subspace_momentum(
     views_tree = matrix.resolve_views(params, views, vectors=True)
 
     def one(p, view):
-      _, _, ms, ps = _subspace_dims(p.shape, view, rank)
-      return _common.zeros(ms), _common.zeros(ps)
+      # Zeros with the shapes, dtypes and shardings the update will produce
+      # (stable state types under sharding-in-types and lax.cond).
+      left, r, _, _ = _subspace_dims(p.shape, view, rank)
+      basis = lambda x: _top_singular_vectors(
+          _to_matrix(_common.f32(x), view), r, left, method, precision)
+      proj = _common.zeros_like_result(basis, p)
+      mu = _common.zeros_like_result(
+          lambda x: _project(_to_matrix(_common.f32(x), view), proj, left,
+                             precision), p)
+      return mu, proj
 
     mu, projector = _common.map_leaves(one, 2, params, params, views_tree)
     return SubspaceMomentumState(count=_common.zero_count(), mu=mu,
@@ -398,7 +489,7 @@ def scale_by_subspace_momentum(
     reset_now = refresh & (count > 1)
     beta1 = jnp.asarray(b1, jnp.float32)
     (mats,) = _common.map_leaves(
-        lambda g, view: (view.to_matrix(_common.f32(g)),), 1, updates,
+        lambda g, view: (_to_matrix(_common.f32(g), view),), 1, updates,
         updates, views_tree)
 
     def new_projectors(operands):
@@ -418,20 +509,12 @@ def scale_by_subspace_momentum(
 
     def one(u, g, mu, p, view):
       left, _, _, _ = _subspace_dims(u.shape, view, rank)
-      if left:
-        proj = jnp.einsum('...mr,...mn->...rn', p, g, precision=precision)
-      else:
-        proj = jnp.einsum('...mn,...rn->...mr', g, p, precision=precision)
+      proj = _project(g, p, left, precision)
       if reset == 'clean':
         mu = jnp.where(reset_now, 0.0, mu)
       mu = _common.ema(mu, proj, beta1)
-      if left:
-        back = jnp.einsum('...mr,...rn->...mn', p, mu - proj,
-                          precision=precision)
-      else:
-        back = jnp.einsum('...mr,...rn->...mn', mu - proj, p,
-                          precision=precision)
-      numer = view.from_matrix(g + back, u.shape)
+      numer = _from_matrix(g + _project_back(mu - proj, p, left, precision),
+                           view, u)
       if reset == 'faithful':
         mu = jnp.where(reset_now, 0.0, mu)
       return numer.astype(u.dtype), mu
@@ -811,3 +894,52 @@ for _f in (adam_sn, adam_snsm, rmsprop_sn, adagrad_sn):
   _f.__doc__ = _f.__doc__.replace('{named}', _NAMED_DOC).replace(
       '{{', '{').replace('}}', '}')
 del _f
+
+
+# --------------------------------------------------------------------------
+# Partition specs of the states (optax_fac.state_partition_specs), matching
+# what the update produces under an explicit mesh.
+
+
+def _nu_spec(x, info):
+  """Subset-norm statistic: row/column statistic, param-shaped or flat."""
+  shape = tuple(x.shape)
+  if shape == info.shape:
+    return jax.P(*info.spec)
+  view = info.view or matrix.vector_view(info.shape)
+  m, n = view.dims(info.shape)
+  rows = view.row_stat_shape(info.shape)
+  cols = view.col_stat_shape(info.shape)
+  if shape == rows and (_rows_are_subsets(m, n) or shape != cols):
+    return jax.P(*(info.spec[a] for a in range(len(info.shape))
+                   if a not in view.cols))
+  if shape == cols:
+    return jax.P(*(info.spec[a] for a in range(len(info.shape))
+                   if a not in view.rows))
+  nb = len(view.batch)
+  if len(shape) == nb + 1 and shape[:nb] == view.batch_shape(info.shape):
+    return jax.P(*info.entries(view.batch), None)  # integer partition
+  return jax.P(*([None] * len(shape)))
+
+
+def _matrix_state_spec(x, info):
+  """Subspace momentum / projector (*batch, ., .): batch axes as the param."""
+  view = info.view or matrix.vector_view(info.shape)
+  nb = len(view.batch)
+  shape = tuple(x.shape)
+  if len(shape) == nb + 2 and shape[:nb] == view.batch_shape(info.shape):
+    return jax.P(*info.entries(view.batch), None, None)
+  return jax.P(*([None] * len(shape)))
+
+
+def _register_sharding_rules():
+  from optax_fac import sharding  # pylint: disable=g-import-not-at-top
+  sharding.register_state_rule(SubsetNormState, {
+      'count': 'scalar', 'nu': _nu_spec, 'momentum': 'state'})
+  sharding.register_state_rule(SubspaceMomentumState, {
+      'count': 'scalar', 'mu': _matrix_state_spec,
+      'projector': _matrix_state_spec})
+  sharding.register_state_rule(BiasCorrectionState, {'count': 'scalar'})
+
+
+_register_sharding_rules()
