@@ -6,6 +6,7 @@ ALGORITHMS.md for the math of each).
 
 from optax_fac.alias import adafactor_momentum
 from optax_fac.alias import adam_fallback
+from optax_fac.alias import exclude_by_name
 from optax_fac.alias import hfac
 from optax_fac.alias import lion_factor
 from optax_fac.alias import named_optimizer
@@ -71,6 +72,7 @@ __all__ = (
     'adafactor_momentum',
     'adagrad_sn',
     'adam_fallback',
+    'exclude_by_name',
     'adam_sn',
     'adam_snsm',
     'add_decayed_updated_weights',

@@ -67,6 +67,20 @@ def adam_fallback(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
   return scale_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
 
 
+def exclude_by_name(*substrings: str) -> Callable[[Any], Any]:
+  """A ``mask`` callable: False for leaves whose path contains a substring.
+
+  For the paper-faithful LLaMA recipes, which keep Adam states for the token
+  embedding and the LM head: ``mask=exclude_by_name('embed', 'lm_head')``.
+  """
+  def mask(params):
+    def keep(path, _):
+      name = jax.tree_util.keystr(path)
+      return not any(s in name for s in substrings)
+    return jax.tree_util.tree_map_with_path(keep, params)
+  return mask
+
+
 def method_labels(mask: MaskOrFn = None, views: matrix.ViewSpec = None
                   ) -> Callable[[Any], Any]:
   """A labels function for optax.partition: 'method' or 'fallback' per leaf."""
