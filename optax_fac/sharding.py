@@ -515,6 +515,7 @@ def _mesh_from(params, mesh):
 
 
 def _walk(tx, params, param_specs, views, mesh, warn):
+  _ensure_rules()
   if param_specs is None:
     param_specs = _specs_from_params(params)
   mesh = _mesh_from(params, mesh)
@@ -659,3 +660,111 @@ def _register_optax_fac_rules():
 
 
 _register_optax_fac_rules()
+
+
+# Rules for the modules that import this one (rotation, smmf, subset): they
+# may register their own at import; these are the defaults, installed on the
+# first call of state_partition_specs if the module did not.
+
+
+def _subset_nu_rule(x, info: LeafInfo) -> P:
+  """Subset-norm accumulator: one value per subset (ALGORITHMS.md §5.1).
+
+  Heuristic partition: a row statistic if m > n, else a column statistic
+  (row/column rules). Integer partition (batch + (N/k,), subsets of the
+  flattened matrix): batch axes follow the parameter, the subset axis is
+  replicated [decided]. k = 1 (param-shaped): the parameter's spec.
+  """
+  sshape = _shape(x)
+  if sshape == info.shape:
+    return P(*info.spec)
+  view = info.view
+  if view is not None:
+    m, n = view.dims(info.shape)
+    rule = row_rule if m > n else col_rule
+    try:
+      return rule(x, info)
+    except _SpecError:
+      pass
+    batch = view.batch_shape(info.shape)
+    if sshape[:len(batch)] == batch and len(sshape) == len(batch) + 1:
+      return P(*info.entries(view.batch), None)
+  raise _SpecError(
+      f'subset-norm statistic of shape {sshape} does not match parameter '
+      f'{info.path} {info.shape}; pass the optimizer\'s views=')
+
+
+def _subspace_rule(field: str):
+  """Subspace momentum (ALGORITHMS.md §5.2), r = min(rank, m, n).
+
+  m <= n (project the rows): projector A (*batch, m, r) is indexed by the
+  parameter's rows -> (rows' folded spec, None); momentum (*batch, r, n) by
+  its columns -> (None, columns' folded spec). m > n: B (*batch, r, n) ->
+  (None, columns), momentum (*batch, m, r) -> (rows, None). The rank axis
+  is replicated [decided]; Aᵀ G then contracts over G's row sharding.
+  """
+
+  def rule(x, info: LeafInfo) -> P:
+    sshape = _shape(x)
+    view = info.view
+    if view is None or len(sshape) < 2:
+      raise _SpecError(f'no matrix view for {info.path}')
+    m, n = view.dims(info.shape)
+    batch = view.batch_shape(info.shape)
+    left = m <= n
+    rows_side = (field == 'projector') == left  # indexed by the rows?
+    r = sshape[-1] if rows_side else sshape[-2]
+    want = batch + ((m, r) if rows_side else (r, n))
+    if sshape != want:
+      raise _SpecError(
+          f'subspace {field} of shape {sshape} does not match parameter '
+          f'{info.path} {info.shape} under view {view} (expected {want}); '
+          "pass the optimizer's views=")
+    b = info.entries(view.batch)
+    if rows_side:
+      return P(*b, info.folded(view.rows), None)
+    return P(*b, None, info.folded(view.cols))
+
+  rule.__name__ = f'subspace_{field}'
+  return rule
+
+
+def _optional_default_rules():
+  out = []
+  try:
+    smmf = importlib.import_module('optax_fac.smmf')
+    out.append((smmf.SMMFState, {
+        'count': 'scalar', 'm_row': 'flat', 'm_col': 'flat', 'm_sign': 'flat',
+        'v_row': 'flat', 'v_col': 'flat'}))
+  except (ImportError, AttributeError):
+    pass
+  try:
+    subset = importlib.import_module('optax_fac.subset')
+    out.append((subset.SubsetNormState, {
+        'count': 'scalar', 'nu': _subset_nu_rule, 'momentum': 'state'}))
+    out.append((subset.SubspaceMomentumState, {
+        'count': 'scalar', 'mu': _subspace_rule('mu'),
+        'projector': _subspace_rule('projector')}))
+    if hasattr(subset, 'BiasCorrectionState'):
+      out.append((subset.BiasCorrectionState, {'count': 'scalar'}))
+  except (ImportError, AttributeError):
+    pass
+  try:
+    rotation = importlib.import_module('optax_fac.rotation')
+    out.append((rotation.SvdRotationState, {
+        'count': 'scalar', 'left': 'row_basis', 'right': 'col_basis',
+        'inner_state': 'state'}))
+  except (ImportError, AttributeError):
+    pass
+  return out
+
+
+_DEFAULTS_INSTALLED = [False]
+
+
+def _ensure_rules():
+  if _DEFAULTS_INSTALLED[0]:
+    return
+  _DEFAULTS_INSTALLED[0] = True
+  for cls, rule in _optional_default_rules():
+    _REGISTRY.setdefault(cls, rule)

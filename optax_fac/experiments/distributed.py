@@ -25,7 +25,7 @@ import inspect
 import math
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -128,14 +128,11 @@ def available_named_optimizers() -> list[str]:
   return [n for n in NAMED_OPTIMIZERS if hasattr(optax_fac, n)]
 
 
-# Structural settings that make the tiny problem exercise the expensive
-# paths: refresh the basis / projector at every step, a subspace rank below
-# the matrix size. Only names the factory accepts are passed.
-_TEST_KWARGS = dict(
-    learning_rate=1e-2, weight_decay=0.1,
-    every=1, update_proj_gap=1, proj_every=1, refresh_every=1,
-    rank=4,
-)
+# Settings that make the tiny problem exercise the expensive paths: refresh
+# the basis / projector at every step, a subspace rank below the matrix size,
+# weight decay on. Only names a factory accepts are passed.
+TEST_KWARGS = dict(learning_rate=1e-2, weight_decay=0.1, every=1,
+                   update_proj_gap=1, proj_every=1, rank=4)
 
 HIDDEN = 8
 LAYERS = 2
@@ -147,49 +144,86 @@ def stacked_views(params: Any) -> Any:
               if k == 'stack' else None) for k in params}
 
 
-def make_named(name: str, **overrides) -> optax.GradientTransformation:
-  """Builds a named optimizer with the test settings its signature accepts."""
+def make_named(name: str, **overrides):
+  """A named optimizer with the test settings its signature accepts.
+
+  Returns:
+    ``(tx, views)``: the transformation and the ``views`` it was built with
+    (:func:`stacked_views`, or None if the factory takes no ``views``).
+  """
   fn = getattr(optax_fac, name)
   accepted = inspect.signature(fn).parameters
-  kwargs = {k: v for k, v in {**_TEST_KWARGS, **overrides}.items()
+  kwargs = {k: v for k, v in {**TEST_KWARGS, **overrides}.items()
             if k in accepted}
-  if 'views' in accepted and 'views' not in kwargs:
-    kwargs['views'] = stacked_views
-  return fn(**kwargs)
+  views = None
+  if 'views' in accepted:
+    views = kwargs.setdefault('views', stacked_views)
+  return fn(**kwargs), views
 
 
 # --------------------------------------------------------------------------
-# A tiny model with a scanned (stacked) layer. Every matrix is square so
-# that both sides' Gram matrices are full rank (rotation bases are then
-# unique and comparable across runs).
+# The problem: a small multi-output least-squares "model" with a scanned
+# (stacked) layer, built so that every matrix gradient has well separated
+# singular values. [decided] Why not a random MLP: its gradients have
+# singular values down to ~1e-3 of the largest, whose Gram eigenvectors are
+# determined only to ~1e-4 in float32, so a rotation basis computed from
+# gradients summed in another order (any data-parallel run) legitimately
+# differs by more than float32 tolerance. Here x has orthogonal columns
+# (xᵀx = B·I, 1ᵀx = 0), so at the start G = U diag(s) Vᵀ / 4 exactly with
+# s = 1, 7/8, ..., 1/8 (Gram eigenvalue gaps >= 3/64 of the largest).
 
 
-def toy_params(seed: int = 0, hidden: int = HIDDEN, layers: int = LAYERS):
-  k = jax.random.split(jax.random.PRNGKey(seed), 4)
-  s = 1.0 / math.sqrt(hidden)
-  return {
-      'w_in': jax.random.normal(k[0], (hidden, hidden)) * s,
-      'b_in': jnp.zeros((hidden,)),
-      'stack': jax.random.normal(k[1], (layers, hidden, hidden)) * s,
-      'w_out': jax.random.normal(k[2], (hidden, hidden)) * s,
-      'b_out': jnp.full((hidden,), 0.1),
-  }
+def _hadamard(n: int) -> np.ndarray:
+  h = np.ones((1, 1))
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return h
 
 
-def toy_batch(batch_size: int, seed: int = 1, hidden: int = HIDDEN):
-  kx, ka = jax.random.split(jax.random.PRNGKey(seed))
-  x = jax.random.normal(kx, (batch_size, hidden))
-  a = jax.random.normal(ka, (hidden, hidden))
-  return x, jnp.sin(x @ a)
+def toy_problem(batch_size: int = 16, seed: int = 0, hidden: int = HIDDEN,
+                layers: int = LAYERS):
+  """(params, batch) of the test problem; ``batch_size`` a multiple of 16."""
+  assert batch_size % 16 == 0 and hidden <= 15, (batch_size, hidden)
+  rng = np.random.default_rng(seed)
+  x = np.tile(_hadamard(16)[:, 1:hidden + 1], (batch_size // 16, 1))
+  s = np.linspace(1.0, 1.0 / hidden, hidden)
+
+  def orth():
+    q, _ = np.linalg.qr(rng.normal(size=(hidden, hidden)))
+    return q
+
+  def w0():
+    return rng.normal(size=(hidden, hidden)) / math.sqrt(hidden)
+
+  def target(w):  # W* with G(W) = (W − W*) / 4 = U diag(s) Vᵀ / 4
+    return w - orth() @ np.diag(s) @ orth().T
+
+  params = {'w_in': w0(), 'b_in': np.zeros(hidden),
+            'stack': np.stack([w0() for _ in range(layers)]),
+            'w_out': w0(), 'b_out': np.full(hidden, 0.1)}
+  b_in_t = rng.normal(size=hidden)
+  b_out_t = rng.normal(size=hidden)
+  y = {'in': x @ target(params['w_in']) + b_in_t,
+       'stack': np.stack([x @ target(w) for w in params['stack']], axis=1),
+       'out': x @ target(params['w_out']) + b_out_t}
+  f32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
+  return f32(params), f32((x, y))
 
 
 def toy_loss(params, batch):
+  """Σ over the matrices of mean_rows ‖x W + b − Y‖² / hidden."""
   x, y = batch
-  h = jnp.tanh(x @ params['w_in'] + params['b_in'])
-  h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h,
-                      params['stack'])
-  out = h @ params['w_out'] + params['b_out']
-  return jnp.mean((out - y) ** 2)
+  sq = lambda r: jnp.mean(jnp.sum(r * r, axis=-1)) / r.shape[-1]
+  loss = sq(x @ params['w_in'] + params['b_in'] - y['in'])
+  loss += sq(x @ params['w_out'] + params['b_out'] - y['out'])
+
+  def layer(total, wy):
+    w, yl = wy
+    return total + sq(x @ w - yl), None
+
+  stack_loss, _ = jax.lax.scan(layer, 0.0, (params['stack'],
+                                            jnp.swapaxes(y['stack'], 0, 1)))
+  return loss + stack_loss
 
 
 def toy_param_specs(data: str = 'data', model: str = 'model'):
@@ -199,7 +233,33 @@ def toy_param_specs(data: str = 'data', model: str = 'model'):
           'b_out': P(None)}
 
 
-def train_step(tx, loss_fn=toy_loss, axis_name: Optional[str] = None):
+# --------------------------------------------------------------------------
+# Several optimizers in one program (one compilation per mode for all of
+# them): each gets its own copy of the params; the loss is the sum of the
+# copies' losses, so each copy's gradient is exactly its own.
+
+
+def combine(txs: dict) -> optax.GradientTransformationExtraArgs:
+  """One transformation over ``{name: params}`` running ``txs[name]`` each."""
+
+  def init_fn(params):
+    return {k: tx.init(params[k]) for k, tx in txs.items()}
+
+  def update_fn(updates, state, params=None, **extra_args):
+    outs = {k: tx.update(updates[k], state[k],
+                         None if params is None else params[k], **extra_args)
+            for k, tx in txs.items()}
+    return {k: o[0] for k, o in outs.items()}, {k: o[1] for k, o in
+                                               outs.items()}
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def combined_loss(params_all, batch):
+  return sum(toy_loss(p, batch) for p in params_all.values())
+
+
+def train_step(tx, loss_fn=combined_loss, axis_name: Optional[str] = None):
   """(params, state, batch) -> (params, state, loss); pmean if axis_name."""
 
   def step(params, state, batch):
@@ -214,12 +274,18 @@ def train_step(tx, loss_fn=toy_loss, axis_name: Optional[str] = None):
 
 
 # --------------------------------------------------------------------------
-# The four ways of running the same steps.
+# The four ways of running the same steps. ``txs``: {name: tx}.
 
 
-def run_single(tx, params, batch, steps: int, device=None):
+def _copies(txs, params):
+  return {k: params for k in txs}
+
+
+def run_single(txs: dict, params, batch, steps: int, device=None):
+  """Reference: everything on one device."""
   device = device or jax.devices()[0]
-  params, batch = jax.device_put((params, batch), device)
+  tx = combine(txs)
+  params, batch = jax.device_put((_copies(txs, params), batch), device)
   state = jax.jit(tx.init)(params)
   step = jax.jit(train_step(tx))
   for _ in range(steps):
@@ -227,8 +293,13 @@ def run_single(tx, params, batch, steps: int, device=None):
   return params, state
 
 
-def _replicas_max_diff(tree) -> float:
-  """Largest difference between copies of the same block on different devices."""
+def replicas_max_diff(tree) -> float:
+  """Largest difference between copies of one block on different devices.
+
+  For every array, shards with the same index (copies of the same block on
+  the devices it is replicated over) are compared; 0.0 means every device
+  holds bit-identical values (a refreshed basis included).
+  """
   worst = 0.0
   for x in jax.tree.leaves(tree):
     groups: dict = {}
@@ -237,34 +308,33 @@ def _replicas_max_diff(tree) -> float:
       groups.setdefault(key, []).append(np.asarray(shard.data))
     for copies in groups.values():
       for c in copies[1:]:
+        if not c.size:
+          continue
         if c.dtype.kind in 'iub':
-          d = float(np.max(c != copies[0])) if c.size else 0.0
+          worst = max(worst, float(np.max(c != copies[0])))
         else:
-          d = float(np.max(np.abs(c.astype(np.float64)
-                                  - copies[0].astype(np.float64)))) \
-              if c.size else 0.0
-        worst = max(worst, d)
+          worst = max(worst, float(np.max(np.abs(
+              c.astype(np.float64) - copies[0].astype(np.float64)))))
   return worst
 
 
-def run_pmap(tx, params, batch, steps: int, devices=None):
+def run_pmap(txs: dict, params, batch, steps: int, devices=None):
   """``jax.pmap``: state replicated, per-device batch slice, grads pmean-ed."""
   devices = list(devices or jax.local_devices())
   n = len(devices)
+  tx = combine(txs)
   stack = lambda t: jax.tree.map(
       lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), t)
   split = lambda t: jax.tree.map(
       lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), t)
   step = jax.pmap(train_step(tx, axis_name='dev'), axis_name='dev',
                   devices=devices)
-  init = jax.pmap(tx.init, devices=devices)
-  params_r = stack(params)
-  state_r = init(params_r)
+  params_r = stack(_copies(txs, params))
+  state_r = jax.pmap(tx.init, devices=devices)(params_r)
   batch_r = split(batch)
   for _ in range(steps):
     params_r, state_r, _ = step(params_r, state_r, batch_r)
-  # Replicas must agree: compare every device's copy with device 0's.
-  diff = 0.0
+  diff = 0.0  # every device's copy vs device 0's
   for x in jax.tree.leaves((params_r, state_r)):
     a = np.asarray(x)
     if a.size and a.dtype.kind == 'f':
@@ -275,20 +345,21 @@ def run_pmap(tx, params, batch, steps: int, devices=None):
   return first(params_r), first(state_r), diff
 
 
-def run_mesh_dp(tx, params, batch, steps: int, devices=None):
+def run_mesh_dp(txs: dict, params, batch, steps: int, devices=None):
   """``jax.jit`` over a 1-D mesh: batch sharded, params/state replicated."""
   devices = list(devices or jax.devices())
+  tx = combine(txs)
   mesh = jax.sharding.Mesh(np.array(devices), ('data',))
   rep = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data'))
-  params = jax.device_put(params, rep)
+  params = jax.device_put(_copies(txs, params), rep)
   batch = jax.device_put(batch, data)
   state = jax.jit(tx.init, out_shardings=rep)(params)
   step = jax.jit(train_step(tx), in_shardings=(rep, rep, data),
                  out_shardings=(rep, rep, rep))
   for _ in range(steps):
     params, state, _ = step(params, state, batch)
-  return params, state, _replicas_max_diff((params, state))
+  return params, state, replicas_max_diff((params, state))
 
 
 def mesh_2d_shape(n: int, dim: int = HIDDEN) -> tuple[int, int]:
@@ -300,59 +371,82 @@ def mesh_2d_shape(n: int, dim: int = HIDDEN) -> tuple[int, int]:
   return data, model
 
 
-def run_sharded_2d(tx, params, batch, steps: int, devices=None,
-                   param_specs=None, views=None):
-  """``jax.jit`` over a ('data', 'model') mesh: params and state sharded.
-
-  The state's shardings come from :func:`optax_fac.state_shardings`;
-  ``jax.jit(tx.init, out_shardings=...)`` builds it directly sharded.
-  Returns (params, state, replica difference, state shardings).
-  """
+def mesh_2d(devices=None) -> jax.sharding.Mesh:
   devices = list(devices or jax.devices())
   d, m = mesh_2d_shape(len(devices))
-  mesh = jax.sharding.Mesh(np.array(devices[:d * m]).reshape(d, m),
+  return jax.sharding.Mesh(np.array(devices[:d * m]).reshape(d, m),
                            ('data', 'model'))
+
+
+def sharded_state_shardings(txs: dict, views: dict, params, mesh,
+                            param_specs=None):
+  """{name: state shardings} from :func:`optax_fac.state_shardings`."""
+  param_specs = param_specs or toy_param_specs()
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                        sharding=NamedSharding(mesh, s)),
+      params, param_specs)
+  return {k: optax_fac.state_shardings(tx, abstract, views=views.get(k))
+          for k, tx in txs.items()}
+
+
+def run_sharded_2d(txs: dict, params, batch, steps: int, devices=None, *,
+                   views: Optional[dict] = None, param_specs=None):
+  """``jax.jit`` over a ('data', 'model') mesh: params and state sharded.
+
+  The state's shardings come from :func:`optax_fac.state_shardings`, and
+  ``jax.jit(tx.init, out_shardings=...)`` builds it directly sharded.
+
+  Returns:
+    (params, state, replica difference, state shardings).
+  """
+  mesh = mesh_2d(devices)
+  tx = combine(txs)
   param_specs = param_specs or toy_param_specs()
   p_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs,
                       is_leaf=lambda x: isinstance(x, P))
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      params, p_sh)
-  s_sh = optax_fac.state_shardings(tx, abstract, views=views)
+  s_sh = sharded_state_shardings(txs, views or {}, params, mesh, param_specs)
+  p_sh = _copies(txs, p_sh)
   data = NamedSharding(mesh, P('data'))
   rep = NamedSharding(mesh, P())
-  params = jax.device_put(params, p_sh)
+  params = jax.device_put(_copies(txs, params), p_sh)
   batch = jax.device_put(batch, data)
   state = jax.jit(tx.init, out_shardings=s_sh)(params)
   step = jax.jit(train_step(tx), in_shardings=(p_sh, s_sh, data),
                  out_shardings=(p_sh, s_sh, rep))
   for _ in range(steps):
     params, state, _ = step(params, state, batch)
-  return params, state, _replicas_max_diff((params, state)), s_sh
+  return params, state, replicas_max_diff((params, state)), s_sh
 
 
 # --------------------------------------------------------------------------
-# Comparison.
+# Comparison and the check behind the tests and scripts/parallel_check.py.
 
 
-def tree_max_rel_diff(a: Any, b: Any) -> float:
-  """max over leaves of max|a - b| / max(max|b|, 1e-30); ints: mismatch rate."""
-  worst = 0.0
+def leaf_rel_diffs(a: Any, b: Any) -> list[float]:
+  """Per leaf: max|a − b| / max|b| (floats); mismatch fraction (ints)."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb), (len(la), len(lb))
+  if len(la) != len(lb):
+    raise ValueError(f'trees differ: {len(la)} vs {len(lb)} leaves')
+  out = []
   for x, y in zip(la, lb):
     x, y = np.asarray(x), np.asarray(y)
-    assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, y.shape,
-                                                        x.dtype, y.dtype)
+    if x.shape != y.shape or x.dtype != y.dtype:
+      raise ValueError(f'leaf mismatch: {x.shape} {x.dtype} vs {y.shape} '
+                       f'{y.dtype}')
     if not x.size:
-      continue
-    if x.dtype.kind in 'iub':
-      worst = max(worst, float(np.mean(x != y)))
+      out.append(0.0)
+    elif x.dtype.kind in 'iub':
+      out.append(float(np.mean(x != y)))
     else:
       x64, y64 = x.astype(np.float64), y.astype(np.float64)
       scale = max(float(np.max(np.abs(y64))), 1e-30)
-      worst = max(worst, float(np.max(np.abs(x64 - y64))) / scale)
-  return worst
+      out.append(float(np.max(np.abs(x64 - y64))) / scale)
+  return out
+
+
+def tree_max_rel_diff(a: Any, b: Any) -> float:
+  return max(leaf_rel_diffs(a, b), default=0.0)
 
 
 @dataclasses.dataclass
@@ -362,41 +456,56 @@ class CheckResult:
   params_diff: float   # relative, vs the single-device run
   state_diff: float    # relative, vs the single-device run
   replica_diff: float  # between copies of one block on different devices
-  seconds: float
+  seconds: float       # the whole mode for the group (compile included)
   ok: bool
   error: str = ''
 
 
-def check_optimizer(name: str, modes=('pmap', 'mesh_dp', 'sharded_2d'), *,
-                    steps: int = 2, devices=None, tol: float = 1e-4,
-                    batch_size: Optional[int] = None) -> list[CheckResult]:
-  """Runs ``name`` single-device and in each mode; compares params and state."""
+MODES = ('pmap', 'mesh_dp', 'sharded_2d')
+
+
+def check_group(names: Sequence[str], modes: Sequence[str] = MODES, *,
+                steps: int = 2, devices=None, tol: float = 1e-4,
+                batch_size: Optional[int] = None) -> list[CheckResult]:
+  """Runs the named optimizers one device vs each mode; compares everything.
+
+  All ``names`` run in one program per mode (one compilation). A mode
+  passes for an optimizer when its params and optimizer state after
+  ``steps`` steps match the single-device run on the full batch to ``tol``
+  (relative to each leaf's largest entry) and every device holds identical
+  copies of every replicated block.
+  """
   devices = list(devices or jax.devices())
   n = len(devices)
   if batch_size is None:
-    batch_size = n * max(2, -(-16 // n))
-  params = toy_params()
-  batch = toy_batch(batch_size)
-  tx = make_named(name)
-  ref_p, ref_s = run_single(tx, params, batch, steps, devices[0])
+    batch_size = 16 * n // math.gcd(16, n)  # a multiple of 16 and of n
+  params, batch = toy_problem(batch_size)
+  built = {k: make_named(k) for k in names}
+  txs = {k: b[0] for k, b in built.items()}
+  views = {k: b[1] for k, b in built.items()}
+  ref_p, ref_s = run_single(txs, params, batch, steps, devices[0])
   out = []
   for mode in modes:
     t0 = time.perf_counter()
     try:
       if mode == 'pmap':
-        p, s, rep = run_pmap(tx, params, batch, steps, devices)
+        p, s, rep = run_pmap(txs, params, batch, steps, devices)
       elif mode == 'mesh_dp':
-        p, s, rep = run_mesh_dp(tx, params, batch, steps, devices)
+        p, s, rep = run_mesh_dp(txs, params, batch, steps, devices)
       elif mode == 'sharded_2d':
-        p, s, rep, _ = run_sharded_2d(tx, params, batch, steps, devices)
+        p, s, rep, _ = run_sharded_2d(txs, params, batch, steps, devices,
+                                      views=views)
       else:
         raise ValueError(f'unknown mode {mode!r}')
-      pd, sd = tree_max_rel_diff(p, ref_p), tree_max_rel_diff(s, ref_s)
-      ok = pd <= tol and sd <= tol and rep == 0.0
-      out.append(CheckResult(name, mode, pd, sd, rep,
-                             time.perf_counter() - t0, ok))
+      dt = time.perf_counter() - t0
+      for k in names:
+        pd = tree_max_rel_diff(p[k], ref_p[k])
+        sd = tree_max_rel_diff(s[k], ref_s[k])
+        out.append(CheckResult(k, mode, pd, sd, rep, dt,
+                               pd <= tol and sd <= tol and rep == 0.0))
     except Exception as e:  # pylint: disable=broad-except
-      out.append(CheckResult(name, mode, float('nan'), float('nan'),
-                             float('nan'), time.perf_counter() - t0, False,
-                             f'{type(e).__name__}: {e}'[:500]))
+      dt = time.perf_counter() - t0
+      msg = f'{type(e).__name__}: {e}'[:800]
+      out.extend(CheckResult(k, mode, float('nan'), float('nan'),
+                             float('nan'), dt, False, msg) for k in names)
   return out
