@@ -238,20 +238,23 @@ def _unpack_signs(packed, lay: _Layout):
 # Rank-1 NNMF of a non-negative matrix (the official code's _nnmf/_unnmf).
 
 
-def _nnmf(a):
-  """(*batch, n1, n2), n1 >= n2 -> row sums r, column sums c / sum(c).
+def _nnmf(*mats):
+  """Rank-1 NNMF of non-negative (*batch, n1, n2) matrices, n1 >= n2.
 
-  The column factor is normalised by its sum only where that sum is nonzero
-  (official code; an all-zero matrix keeps c = 0, no 0/0).
+  Returns, per matrix, the row sums r and the column sums c / sum(c). The
+  division is skipped when the sum is 0 (official code): then c = 0 already,
+  and dividing by 1 instead leaves it 0 with no 0/0.
+
+  The matrices of one leaf (|M| and V) are normalised together, so each leaf
+  costs one tiny reduction and one tiny elementwise kernel for both; the
+  barrier keeps XLA from rewriting sum(sum(a, -2)) as an extra full pass over
+  the (n1, n2) temporary.
   """
-  r = jnp.sum(a, axis=-1)
-  c = jnp.sum(a, axis=-2)
-  # The barrier keeps XLA from rewriting sum(sum(a, -2)) as a third full pass
-  # over the (n1, n2) temporary; summing the n2 column sums is free.
-  total = jnp.sum(jax.lax.optimization_barrier(c), axis=-1, keepdims=True)
-  nonzero = total != 0
-  c = jnp.where(nonzero, c / jnp.where(nonzero, total, 1.0), c)
-  return r, c
+  rows = [jnp.sum(a, axis=-1) for a in mats]
+  cols = jnp.stack([jnp.sum(a, axis=-2) for a in mats])
+  total = jnp.sum(jax.lax.optimization_barrier(cols), axis=-1, keepdims=True)
+  cols = cols / jnp.where(total == 0, 1.0, total)
+  return [(r, cols[i]) for i, r in enumerate(rows)]
 
 
 def _outer(r, c):
@@ -367,11 +370,11 @@ def scale_by_smmf(
     v = beta2 * _outer(v_row, v_col) + (1.0 - beta2) * g_view * g_view
     d = (m if momentum else g_view) / (jnp.sqrt(v) + eps)
     if momentum:
-      m_row, m_col = _nnmf(jnp.abs(m))
+      (m_row, m_col), (v_row, v_col) = _nnmf(jnp.abs(m), v)
       m_sign = (_pack_signs(m > 0, lay) if sign_bits == 1 else m > 0)
     else:
       m_row = m_col = m_sign = None
-    v_row, v_col = _nnmf(v)
+      ((v_row, v_col),) = _nnmf(v)
     m_row, m_col, m_sign, v_row, v_col = (
         _replicated(x) for x in (m_row, m_col, m_sign, v_row, v_col))
     return (_from_view(d, lay, g).astype(g.dtype), m_row, m_col, m_sign,
