@@ -22,6 +22,7 @@ def get_config():
       validation_play='hamlet', text_dir='', eval_batches=16))
   config.batch_size = 16
   config.eval_batch_size = 32
+  config.microbatches = 1
   config.num_train_steps = 300
   config.optimizer = 'adamw'
   config.learning_rate = 3e-3

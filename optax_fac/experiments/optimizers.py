@@ -55,7 +55,15 @@ def name_mask(exclude: Iterable[str]) -> Callable[[Any], Any]:
   return mask
 
 
+_NOT_OPTIMIZERS = ('named_optimizer',)
+
+
 def _takes_learning_rate(fn) -> bool:
+  if isinstance(fn, type) or getattr(fn, '__name__', '') in _NOT_OPTIMIZERS:
+    return False
+  name = getattr(fn, '__name__', '')
+  if name.startswith(('scale_by', 'add_')):
+    return False
   try:
     params = inspect.signature(fn).parameters
   except (TypeError, ValueError):

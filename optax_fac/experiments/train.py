@@ -19,8 +19,9 @@ Config fields (see ``configs/*.py``): seed, batch_size, eval_batch_size,
 num_train_steps or num_epochs, optimizer, learning_rate, optimizer_kwargs,
 weight_decay, method_exclude, weight_decay_exclude, grad_clip, schedule
 (warmup_steps | warmup_fraction, decay, final_fraction), label_smoothing,
-log_every_steps, flush_every_steps, eval_every_steps, checkpoint_every_steps,
-max_checkpoints, model.*, data.*.
+microbatches (gradient accumulation inside one step), log_every_steps,
+flush_every_steps, eval_every_steps, checkpoint_every_steps, max_checkpoints,
+model.*, data.*.
 """
 
 from __future__ import annotations
@@ -199,30 +200,61 @@ def _losses(logits, batch, task, label_smoothing):
           {'accuracy': (correct * weight).sum() / denom})
 
 
-def make_train_step(model, tx, task, schedule, label_smoothing=0.0):
-  """The jitted update: (state, batch) -> (state, metrics)."""
+def make_train_step(model, tx, task, schedule, label_smoothing=0.0,
+                    microbatches: int = 1):
+  """The jitted update: (state, batch) -> (state, metrics).
 
-  def step_fn(state, batch):
-    rng = jax.random.fold_in(state['rng'], state['step'])
+  With ``microbatches = k > 1`` the batch is split into k equal parts whose
+  gradients are averaged (``lax.scan``) before one optimizer update: the
+  same update as the full batch, in 1/k of the activation memory.
+  """
+
+  def grads_of(params, model_state, batch, rng):
     inputs = batch['inputs'] if task == 'lm' else batch['image']
 
-    def loss_fn(params):
-      variables = {'params': params, **state['model_state']}
-      mutable = list(state['model_state'].keys())
+    def loss_fn(p):
+      variables = {'params': p, **model_state}
+      mutable = list(model_state.keys())
       out = model.apply(variables, inputs, train=True,
                         rngs={'dropout': rng}, mutable=mutable or False)
       logits, new_model_state = out if mutable else (out, {})
       loss, aux = _losses(logits, batch, task, label_smoothing)
-      return loss, (aux, new_model_state)
+      return loss, (aux, dict(new_model_state))
 
-    (loss, (aux, model_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    (loss, (aux, new_model_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    return grads, {'loss': loss, **aux}, new_model_state
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    params = state['params']
+    if microbatches <= 1:
+      grads, metrics, model_state = grads_of(params, state['model_state'],
+                                             batch, rng)
+    else:
+      k = microbatches
+      split = jax.tree.map(
+          lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        acc, model_state = carry
+        i, mb = xs
+        g, m, model_state = grads_of(params, model_state, mb,
+                                     jax.random.fold_in(rng, i))
+        acc = jax.tree.map(lambda a, b: a + b / k, acc, (g, m))
+        return (acc, model_state), None
+
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: grads_of(params, state['model_state'],
+                           jax.tree.map(lambda x: x[0], split), rng)[:2]))
+      (acc, model_state), _ = jax.lax.scan(
+          body, (zeros, state['model_state']), (jnp.arange(k), split))
+      grads, metrics = acc
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    params = optax.apply_updates(params, updates)
     new_state = dict(state, step=state['step'] + 1, params=params,
-                     opt_state=opt_state,
-                     model_state=dict(model_state) if model_state else {})
-    metrics = {'loss': loss, 'learning_rate': schedule(state['step']), **aux}
+                     opt_state=opt_state, model_state=model_state)
+    metrics = dict(metrics, learning_rate=schedule(state['step']))
     return new_state, metrics
 
   return jax.jit(step_fn, donate_argnums=0)
@@ -271,8 +303,8 @@ def init_state(model, tx, data, seed: int) -> dict:
 
 
 def train_and_evaluate(config, workdir: str, *, resume: bool = False,
-                       progress: bool = True, desc: Optional[str] = None
-                       ) -> dict:
+                       progress: bool = True, desc: Optional[str] = None,
+                       stop_after: Optional[int] = None) -> dict:
   """Trains per ``config``; writes metrics/checkpoints/summary to ``workdir``.
 
   Args:
@@ -282,6 +314,10 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
       continue from it (fails if there is none).
     progress: show a progress bar.
     desc: progress-bar label (default: the optimizer name).
+    stop_after: stop once this many steps are done (a checkpoint is saved
+      there if checkpoints are on), as a preempted job would; the schedule
+      still spans ``num_train_steps``, so a later ``resume=True`` run
+      continues exactly.
 
   Returns:
     The run summary (also written to ``workdir/summary.json``).
@@ -325,8 +361,13 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(_plain(config), f, indent=1, default=str)
 
+  microbatches = int(_get(config, 'microbatches', 1))
+  if batch_size % microbatches:
+    raise ValueError(f'batch_size={batch_size} is not divisible by '
+                     f'microbatches={microbatches}.')
   train_step = make_train_step(model, tx, data.task, schedule,
-                               float(_get(config, 'label_smoothing', 0.0)))
+                               float(_get(config, 'label_smoothing', 0.0)),
+                               microbatches)
   eval_step = make_eval_step(model, data.task)
   log_every = max(1, int(_get(config, 'log_every_steps', 1)))
   flush_every = max(log_every, int(_get(config, 'flush_every_steps', 10)))
@@ -376,8 +417,9 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
     postfix['tput'] = f'{units / dt:.0f}/s' if dt > 0 else '-'
     bar.update(step, n, postfix)
 
+  end = steps if stop_after is None else max(start, min(steps, stop_after))
   try:
-    for step in range(start, steps):
+    for step in range(start, end):
       batch = next(data.train)
       state, metrics = train_step(state, batch)
       done = step + 1
@@ -390,13 +432,13 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
         t_eval = time.time()
         eval_metrics = evaluate(eval_step, state, data.eval_batches())
         flush(done, eval_metrics, exclude=time.time() - t_eval)
-      elif len(pending) * log_every >= flush_every or done == steps or \
+      elif len(pending) * log_every >= flush_every or done == end or \
           (done == start + 1):
         flush(done)
-      if is_ckpt:
+      if is_ckpt or (ckpt_every and done == end):
         checkpointer.save(done, state, data.train.get_state())
     if pending:
-      flush(steps)
+      flush(end)
   finally:
     bar.close()
     if checkpointer is not None:
@@ -411,7 +453,7 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
                              else None),
       'optimizer': config.optimizer,
       'learning_rate': float(config.learning_rate),
-      'steps': steps,
+      'steps': end,
       'num_params': num_params,
       'opt_state_bytes': state_bytes,
       'compile_and_first_step_s': compile_time[0],
