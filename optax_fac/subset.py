@@ -23,7 +23,26 @@ Named optimizers (§5.3): :func:`adam_sn`, :func:`adam_snsm`,
 which reproduces the official code's step for every parameter group:
 W ← W − s_t N / den, then W ← W − η_t λ W on the updated W, with
 s_t = η_t sqrt(1 − β2^t) / (1 − β1^t) for the Adam variants and s_t = η_t
-otherwise.
+otherwise. The bias correction sits inside each branch (so a custom fallback
+such as :func:`optax_fac.adam_fallback` is not corrected twice); the learning
+rate stays an ordinary optax scalar-or-schedule evaluated on a step counter,
+and only the decay transform needs it a second time (with its own counter,
+which advances in lockstep). The same pieces compose by hand, e.g.::
+
+    optax.chain(
+        optax_fac.scale_by_subset_norm(
+            momentum=optax_fac.scale_by_subspace_momentum(0.9, rank=128)),
+        optax_fac.scale_by_bias_correction(0.9, 0.999),
+        optax.scale_by_learning_rate(schedule),
+        optax_fac.add_decayed_updated_weights(0.1, schedule))
+
+[decided] Non-matrix leaves: the default fallback is the code's treatment of
+its "regular" group, the same optimizer with element-wise statistics — AdamW
+(with the code's ε placement) for ``adam_sn``/``adam_snsm``, RMSprop for
+``rmsprop_sn`` and AdaGrad with EMA momentum for ``adagrad_sn``.
+
+Under ``optax.MultiSteps`` the inner update runs on every mini-step, so the
+subspace refresh (an SVD per matrix) runs k times on a refresh step.
 
 References:
   Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum: Faster
@@ -130,7 +149,8 @@ def _check_subset_size(subset_size: Any) -> None:
       or subset_size == 0):
     raise ValueError(
         "subset_size must be 'heuristic' or a non-zero int, got "
-        f'{subset_size!r} (pass it in static_args of optax.inject_hyperparams).')
+        f'{subset_size!r} (an int must be in static_args of '
+        'optax.inject_hyperparams).')
 
 
 def subset_length(numel: int, subset_size: int) -> int:
@@ -426,7 +446,9 @@ def scale_by_subspace_momentum(
   accelerators.
 
   Leaves with ndim <= 1 are 1 x N row vectors (r = 1, the projector is ±1),
-  which gives ordinary EMA momentum on them.
+  which gives ordinary EMA momentum on them. [decided] The projector and the
+  momentum are float32 whatever the parameter dtype (the code keeps them in
+  the parameter's dtype).
 
   Memory: r·max(m, n) (momentum) + r·min(m, n) (projector) float32 values.
 
