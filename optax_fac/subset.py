@@ -220,8 +220,6 @@ def _divide_by_subsets(num, den, view, subset_size):
   return _from_matrix(_reshape_tail(ds, batch + (m, n), nb), view, num)
 
 
-
-
 class SubsetNormState(NamedTuple):
   """State of :func:`scale_by_subset_norm`."""
   count: jax.Array  # shape=(), dtype=jnp.int32.
