@@ -44,7 +44,8 @@ SINGLE = {'matrix8k': (8192, 8192), 'matrix16k': (16384, 8192)}
 # for stateless-looking steps; Adam also reads and writes m and v).
 IDEAL_ARRAYS = {'adamw': 7, 'adam': 7, 'lion': 5, 'sgd': 3, 'adafactor': 3,
                 'hfac': 3, 'sign_fsgd': 3, 'lion_factor': 3,
-                'adafactor_momentum': 5, 'smmf': 3}
+                'adafactor_momentum': 5, 'smmf': 3, 'adam_sn': 5,
+                'rmsprop_sn': 3, 'adagrad_sn': 5, 'adam_snsm': 3}
 
 
 def llama_shapes(d, ffn, layers, vocab):
