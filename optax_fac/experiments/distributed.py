@@ -282,15 +282,21 @@ def _copies(txs, params):
 
 
 def run_single(txs: dict, params, batch, steps: int, device=None):
-  """Reference: everything on one device."""
+  """Reference: everything on one device.
+
+  Returns:
+    (params, state) after ``steps`` steps, and the initial state (host
+    copies), which the replicated modes reuse instead of compiling init.
+  """
   device = device or jax.devices()[0]
   tx = combine(txs)
   params, batch = jax.device_put((_copies(txs, params), batch), device)
   state = jax.jit(tx.init)(params)
+  state0 = jax.device_get(state)
   step = jax.jit(train_step(tx))
   for _ in range(steps):
     params, state, _ = step(params, state, batch)
-  return params, state
+  return params, state, state0
 
 
 def replicas_max_diff(tree) -> float:
@@ -318,8 +324,12 @@ def replicas_max_diff(tree) -> float:
   return worst
 
 
-def run_pmap(txs: dict, params, batch, steps: int, devices=None):
-  """``jax.pmap``: state replicated, per-device batch slice, grads pmean-ed."""
+def run_pmap(txs: dict, params, batch, steps: int, devices=None,
+             state0=None):
+  """``jax.pmap``: state replicated, per-device batch slice, grads pmean-ed.
+
+  ``state0``: the initial state to replicate (default: ``pmap(tx.init)``).
+  """
   devices = list(devices or jax.local_devices())
   n = len(devices)
   tx = combine(txs)
@@ -330,7 +340,10 @@ def run_pmap(txs: dict, params, batch, steps: int, devices=None):
   step = jax.pmap(train_step(tx, axis_name='dev'), axis_name='dev',
                   devices=devices)
   params_r = stack(_copies(txs, params))
-  state_r = jax.pmap(tx.init, devices=devices)(params_r)
+  if state0 is None:
+    state_r = jax.pmap(tx.init, devices=devices)(params_r)
+  else:
+    state_r = stack(state0)
   batch_r = split(batch)
   for _ in range(steps):
     params_r, state_r, _ = step(params_r, state_r, batch_r)
@@ -345,8 +358,12 @@ def run_pmap(txs: dict, params, batch, steps: int, devices=None):
   return first(params_r), first(state_r), diff
 
 
-def run_mesh_dp(txs: dict, params, batch, steps: int, devices=None):
-  """``jax.jit`` over a 1-D mesh: batch sharded, params/state replicated."""
+def run_mesh_dp(txs: dict, params, batch, steps: int, devices=None,
+                state0=None):
+  """``jax.jit`` over a 1-D mesh: batch sharded, params/state replicated.
+
+  ``state0``: the initial state to replicate (default: ``jit(tx.init)``).
+  """
   devices = list(devices or jax.devices())
   tx = combine(txs)
   mesh = jax.sharding.Mesh(np.array(devices), ('data',))
@@ -354,7 +371,8 @@ def run_mesh_dp(txs: dict, params, batch, steps: int, devices=None):
   data = NamedSharding(mesh, P('data'))
   params = jax.device_put(_copies(txs, params), rep)
   batch = jax.device_put(batch, data)
-  state = jax.jit(tx.init, out_shardings=rep)(params)
+  state = (jax.jit(tx.init, out_shardings=rep)(params) if state0 is None
+           else jax.device_put(state0, rep))
   step = jax.jit(train_step(tx), in_shardings=(rep, rep, data),
                  out_shardings=(rep, rep, rep))
   for _ in range(steps):
@@ -483,15 +501,15 @@ def check_group(names: Sequence[str], modes: Sequence[str] = MODES, *,
   built = {k: make_named(k) for k in names}
   txs = {k: b[0] for k, b in built.items()}
   views = {k: b[1] for k, b in built.items()}
-  ref_p, ref_s = run_single(txs, params, batch, steps, devices[0])
+  ref_p, ref_s, state0 = run_single(txs, params, batch, steps, devices[0])
   out = []
   for mode in modes:
     t0 = time.perf_counter()
     try:
       if mode == 'pmap':
-        p, s, rep = run_pmap(txs, params, batch, steps, devices)
+        p, s, rep = run_pmap(txs, params, batch, steps, devices, state0)
       elif mode == 'mesh_dp':
-        p, s, rep = run_mesh_dp(txs, params, batch, steps, devices)
+        p, s, rep = run_mesh_dp(txs, params, batch, steps, devices, state0)
       elif mode == 'sharded_2d':
         p, s, rep, _ = run_sharded_2d(txs, params, batch, steps, devices,
                                       views=views)

@@ -1,0 +1,261 @@
+"""Data parallelism and sharded optimizer state, for every named optimizer.
+
+Runs on the 8 CPU devices that conftest.py configures. The equivalence
+checks (one device vs ``jax.pmap`` vs ``jax.jit`` over a data mesh vs
+``jax.jit`` over a 2-D ('data', 'model') mesh with sharded params and state)
+live in optax_fac/experiments/distributed.py, shared with
+scripts/parallel_check.py (the GPU run).
+"""
+
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_fac
+from optax_fac.experiments import distributed as dist
+
+NAMED = dist.available_named_optimizers()
+
+# Families (one compiled program per family and mode; families run in
+# parallel under pytest-xdist).
+FAMILIES = {
+    'factored': ('hfac', 'sign_fsgd', 'lion_factor', 'adafactor_momentum'),
+    'rotation': ('adadiag', 'adadiag_pp', 'adafac_diag', 'adafac_diag_pp',
+                 'hfac_diag'),
+    'smmf': ('smmf',),
+    'subset': ('adam_sn', 'adam_snsm', 'rmsprop_sn', 'adagrad_sn'),
+}
+
+
+def _is_spec(x):
+  return isinstance(x, P)
+
+
+def test_every_named_optimizer_is_covered():
+  listed = [n for names in FAMILIES.values() for n in names]
+  assert sorted(listed) == sorted(dist.NAMED_OPTIMIZERS)
+  missing = [n for n in dist.NAMED_OPTIMIZERS if not hasattr(optax_fac, n)]
+  assert not missing, f'named optimizers not exported yet: {missing}'
+
+
+def test_eight_devices():
+  assert jax.device_count() >= 8, 'conftest.py must give 8 CPU devices'
+
+
+# --------------------------------------------------------------------------
+# state_partition_specs: structure, rank, values.
+
+ABSTRACT = {
+    'dense': jax.ShapeDtypeStruct((16, 8), jnp.float32),
+    'conv': jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32),
+    'stack': jax.ShapeDtypeStruct((2, 8, 4), jnp.float32),
+    'bias': jax.ShapeDtypeStruct((8,), jnp.float32),
+    'scale': jax.ShapeDtypeStruct((), jnp.float32),
+}
+SPECS = {
+    'dense': P('data', 'model'),
+    'conv': P(None, None, 'data', 'model'),
+    'stack': P(None, 'model', 'data'),
+    'bias': P('model'),
+    'scale': P(),
+}
+STACK_VIEWS = {k: (optax_fac.MatrixView(rows=(1,), cols=(2,), batch=(0,))
+                   if k == 'stack' else None) for k in ABSTRACT}
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_specs_match_state_structure_and_rank(name):
+  tx, views = dist.make_named(name)  # views: the stacked leaf's batch axis
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # every leaf is covered by a rule
+    specs = optax_fac.state_partition_specs(tx, ABSTRACT, SPECS, views=views)
+  state = jax.eval_shape(tx.init, ABSTRACT)
+  assert (jax.tree.structure(specs, is_leaf=_is_spec)
+          == jax.tree.structure(state))
+  spec_leaves = jax.tree.leaves(specs, is_leaf=_is_spec)
+  state_leaves = jax.tree.leaves(state)
+  assert len(spec_leaves) == len(state_leaves)
+  for spec, leaf in zip(spec_leaves, state_leaves):
+    assert isinstance(spec, P)
+    assert len(spec) == leaf.ndim, (spec, leaf.shape)
+  # Every spec is valid for its array on a (4, 2) mesh.
+  mesh = jax.make_mesh((4, 2), ('data', 'model'))
+  for spec, leaf in zip(spec_leaves, state_leaves):
+    NamedSharding(mesh, spec).shard_shape(leaf.shape)
+
+
+def _find(specs, state, predicate):
+  """(path, spec, shape) of the state leaves whose path matches."""
+  flat_specs = jax.tree.leaves(specs, is_leaf=_is_spec)
+  flat_state = jax.tree_util.tree_flatten_with_path(state)[0]
+  return [(jax.tree_util.keystr(p), s, x.shape)
+          for (p, x), s in zip(flat_state, flat_specs)
+          if predicate(jax.tree_util.keystr(p))]
+
+
+def test_factored_specs_drop_the_other_axes():
+  tx = optax_fac.hfac(1e-3, views=STACK_VIEWS)
+  specs = optax_fac.state_partition_specs(tx, ABSTRACT, SPECS,
+                                          views=STACK_VIEWS)
+  state = jax.eval_shape(tx.init, ABSTRACT)
+  got = {(path.split('.')[-1], shape): spec for path, spec, shape in
+         _find(specs, state, lambda p: "'method'" in p and 'count' not in p)}
+  # Row statistics keep the param's row sharding, column ones its columns'.
+  assert got[("u['dense']", (16,))] == P('data')
+  assert got[("v['dense']", (8,))] == P('model')
+  assert got[("row['conv']", (3, 3, 4))] == P(None, None, 'data')
+  assert got[("col['conv']", (8,))] == P('model')
+  # The stacked leaf: the layer axis is a batch axis of both statistics.
+  assert got[("row['stack']", (2, 8))] == P(None, 'model')
+  assert got[("col['stack']", (2, 4))] == P(None, 'data')
+  # Adam fallback moments copy the param spec.
+  fb = _find(specs, state, lambda p: "'fallback'" in p and 'bias' in p)
+  assert {s for _, s, _ in fb} == {P('model')}
+
+
+def test_tree_map_params_is_wrong_and_we_are_not():
+  """ECOSYSTEM.md §1.9: tree_map_params copies the 2-D spec onto 1-D stats."""
+  params = {'w': jax.ShapeDtypeStruct((16, 8), jnp.float32)}
+  specs = {'w': P('data', 'model')}
+  # (The raw transform: tree_map_params cannot even walk optax.partition.)
+  tx = optax_fac.scale_by_hfac()
+  state = jax.eval_shape(tx.init, params)
+  naive = optax.tree_map_params(tx, lambda _, s: s, state, specs,
+                                transform_non_params=lambda _: P())
+  theirs = [s for s, x in zip(jax.tree.leaves(naive, is_leaf=_is_spec),
+                              jax.tree.leaves(state)) if len(s) != x.ndim]
+  assert theirs, 'optax.tree_map_params got factored specs right after all?'
+  ours = optax_fac.state_partition_specs(tx, params, specs)
+  assert all(len(s) == x.ndim for s, x in
+             zip(jax.tree.leaves(ours, is_leaf=_is_spec),
+                 jax.tree.leaves(state)))
+
+
+def test_rotation_basis_specs():
+  if not hasattr(optax_fac, 'adadiag_pp'):
+    pytest.skip('rotation not available')
+  tx = optax_fac.adadiag_pp(1e-3, views=STACK_VIEWS)
+  specs = optax_fac.state_partition_specs(tx, ABSTRACT, SPECS,
+                                          views=STACK_VIEWS)
+  state = jax.eval_shape(tx.init, ABSTRACT)
+  got = {path.split('.')[-1]: (spec, shape) for path, spec, shape in
+         _find(specs, state, lambda p: '.left[' in p or '.right[' in p)}
+  # [decided] first basis axis follows the param's side, second replicated;
+  # folded row axes (conv: 3*3*4 = 36 rows) merge their mesh axes.
+  assert got["left['dense']"] == (P('data', None), (16, 16))
+  assert got["right['dense']"] == (P('model', None), (8, 8))
+  assert got["left['conv']"] == (P('data', None), (36, 36))
+  assert got["left['stack']"] == (P(None, 'model', None), (2, 8, 8))
+  assert got["right['stack']"] == (P(None, 'data', None), (2, 4, 4))
+
+
+def test_params_with_shardings_need_no_specs():
+  mesh = jax.make_mesh((4, 2), ('data', 'model'))
+  params = {'w': jax.ShapeDtypeStruct(
+      (16, 8), jnp.float32, sharding=NamedSharding(mesh, P('data', 'model')))}
+  tx = optax_fac.adafactor_momentum(1e-3)
+  shardings = optax_fac.state_shardings(tx, params)
+  got = {s.spec for s in jax.tree.leaves(shardings)}
+  assert got == {P(), P('data'), P('model'), P('data', 'model')}
+
+
+def test_optax_adafactor_and_wrappers():
+  params = {'w': jax.ShapeDtypeStruct((256, 512), jnp.float32)}
+  specs = {'w': P('data', 'model')}
+  tx = optax.MultiSteps(
+      optax.inject_hyperparams(optax.adafactor, static_args=(
+          'min_dim_size_to_factor',))(learning_rate=1e-3), 2)
+  out = optax_fac.state_partition_specs(tx, params, specs)
+  state = jax.eval_shape(tx.init, params)
+  by_shape = {x.shape: s for s, x in zip(jax.tree.leaves(out, is_leaf=_is_spec),
+                                         jax.tree.leaves(state))}
+  assert by_shape[(256,)] == P('data')      # v_row drops the 512 axis
+  assert by_shape[(512,)] == P('model')     # v_col drops the 256 axis
+  assert by_shape[(256, 512)] == P('data', 'model')  # acc_grads
+
+
+def test_unregistered_state_is_replicated_visibly():
+  class CustomState(NamedTuple):
+    count: Any
+    sketch: Any
+
+  def init(params):
+    return CustomState(jnp.zeros([], jnp.int32),
+                       jax.tree.map(lambda p: jnp.zeros((3,) + p.shape[1:]),
+                                    params))
+
+  tx = optax.GradientTransformation(init, lambda u, s, p=None: (u, s))
+  params = {'w': jax.ShapeDtypeStruct((16, 8), jnp.float32)}
+  with pytest.warns(UserWarning, match=r"sketch\['w'\]"):
+    specs = optax_fac.state_partition_specs(tx, params, {'w': P('data', None)})
+  assert specs.sketch['w'] == P(None, None)
+  report = optax_fac.state_partition_report(tx, params, {'w': P('data')})
+  assert 'replicated: no rule' in report
+
+
+def test_unknown_view_raises_instead_of_guessing():
+  params = {'s': jax.ShapeDtypeStruct((2, 8, 8), jnp.float32)}
+  views = {'s': optax_fac.MatrixView(rows=(1,), cols=(2,), batch=(0,))}
+  tx = optax_fac.hfac(1e-3, views=views)
+  with pytest.raises(ValueError, match='views='):
+    optax_fac.state_partition_specs(tx, params, {'s': P(None, 'a', 'b')})
+  specs = optax_fac.state_partition_specs(tx, params,
+                                          {'s': P(None, 'a', 'b')},
+                                          views=views)
+  assert P(None, 'b') in jax.tree.leaves(specs, is_leaf=_is_spec)
+
+
+# --------------------------------------------------------------------------
+# One step on one device == pmap == jit over a data mesh == 2-D sharded.
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_parallel_equivalence(family):
+  names = [n for n in FAMILIES[family] if hasattr(optax_fac, n)]
+  if not names:
+    pytest.skip(f'{family}: not available yet')
+  results = dist.check_group(names, steps=2, devices=jax.devices()[:8])
+  failures = [r for r in results if not r.ok]
+  assert len(results) == 3 * len(names)
+  assert not failures, '\n'.join(
+      f'{r.name} {r.mode}: params {r.params_diff:.2e} state '
+      f'{r.state_diff:.2e} replicas {r.replica_diff} {r.error}'
+      for r in failures)
+
+
+def test_refreshed_basis_is_identical_on_every_device():
+  """A basis refreshed from sharded gradients: one basis, on all devices."""
+  if not hasattr(optax_fac, 'adadiag_pp'):
+    pytest.skip('rotation not available')
+  tx, views = dist.make_named('adadiag_pp')
+  txs = {'a': tx}
+  params, batch = dist.toy_problem()
+  devices = jax.devices()[:8]
+  ref_p, ref_s, _ = dist.run_single(txs, params, batch, 1, devices[0])
+  _, state, rep, s_sh = dist.run_sharded_2d(txs, params, batch, 1, devices,
+                                            views={'a': views})
+  assert rep == 0.0
+  method = lambda s: s['a'][0].inner_states['method'].inner_state
+  for side in ('left', 'right'):
+    for k, basis in getattr(method(state), side).items():
+      if isinstance(basis, optax.MaskedNode):  # a bias: not rotated
+        continue
+      ref = getattr(method(ref_s), side)[k]
+      np.testing.assert_allclose(np.asarray(basis), np.asarray(ref),
+                                 atol=1e-5)
+      # Its sharding is the documented one (first axis follows the param).
+      assert basis.sharding.spec == getattr(method(s_sh), side)[k].spec
+      groups = {}
+      for shard in basis.addressable_shards:
+        groups.setdefault(str(shard.index), []).append(np.asarray(shard.data))
+      assert all(len(g) >= 2 for g in groups.values())  # really replicated
+      for g in groups.values():
+        for c in g[1:]:
+          np.testing.assert_array_equal(c, g[0])
