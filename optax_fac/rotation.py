@@ -102,6 +102,8 @@ def _plan(shape: Sequence[int], view: Optional[matrix.MatrixView], sides: str,
   if view is None:
     return _Plan(matrix.MatrixView((), ()), shape, False, False)
   m, n = view.dims(shape)
+  if m == 0 or n == 0:  # an empty matrix: nothing to rotate
+    return _Plan(view, shape, False, False)
   if sides == 'one':
     left = m <= n and m <= max_dim
     right = n < m and n <= max_dim
