@@ -480,6 +480,9 @@ class CheckResult:
 
 
 MODES = ('pmap', 'mesh_dp', 'sharded_2d')
+# 'sharded_2d_t': the same mesh with the param specs' mesh axes swapped (on
+# 2 devices the mesh is (1, 2), so this is the row-sharded variant).
+ALL_MODES = MODES + ('sharded_2d_t',)
 
 
 def check_group(names: Sequence[str], modes: Sequence[str] = MODES, *,
@@ -510,9 +513,11 @@ def check_group(names: Sequence[str], modes: Sequence[str] = MODES, *,
         p, s, rep = run_pmap(txs, params, batch, steps, devices, state0)
       elif mode == 'mesh_dp':
         p, s, rep = run_mesh_dp(txs, params, batch, steps, devices, state0)
-      elif mode == 'sharded_2d':
+      elif mode in ('sharded_2d', 'sharded_2d_t'):
+        specs = (toy_param_specs() if mode == 'sharded_2d'
+                 else toy_param_specs(data='model', model='data'))
         p, s, rep, _ = run_sharded_2d(txs, params, batch, steps, devices,
-                                      views=views)
+                                      views=views, param_specs=specs)
       else:
         raise ValueError(f'unknown mode {mode!r}')
       dt = time.perf_counter() - t0
