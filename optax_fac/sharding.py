@@ -3,7 +3,7 @@
 ``optax.tree_map_params`` copies a parameter's spec onto every state leaf that
 "belongs" to it. That is wrong for factored state: a ``(256,)`` row statistic
 of a ``(256, 512)`` kernel sharded ``P('data', 'model')`` would get the 2-D
-spec ``P('data', 'model')`` (ECOSYSTEM.md §1.9). :func:`state_partition_specs`
+spec ``P('data', 'model')`` (../shared/ECOSYSTEM.md §1.9). :func:`state_partition_specs`
 walks the state of ``tx.init(params)`` instead and gives every array a spec of
 its own rank:
 
@@ -27,15 +27,21 @@ Q (``(*batch, n, n)``)                       parameter's batch axes, the first
                                              folded axes are merged), the
                                              second (eigenvector) axis is
                                              replicated
-SMMF factors and packed sign bits            [decided] replicated (see
-                                             ``_smmf_rules``)
-subset-norm / subspace state                 see ``_subset_rules``
+SMMF factors and packed sign bits            [decided] replicated (kind
+                                             ``'flat'``, registered in
+                                             smmf.py)
+subset-norm accumulator                      a row or column statistic
+                                             (subset.py's rule)
+subspace momentum / projector                batch axes as the parameter,
+                                             the rest replicated (subset.py)
 anything else no rule covers                 replicated, with a warning that
                                              names the leaf
 ==========================================  ==================================
 
-Rules live in a registry keyed by the state class (``register_state_rule``);
-the optimizers of this library and the optax states that appear in named
+Rules live in a registry keyed by the state class (``register_state_rule``;
+rotation.py, smmf.py and subset.py register their states' rules with the
+kinds defined here); the optimizers of this library and the optax states
+that appear in named
 optimizers (``ScaleByAdamState``, ``PartitionState``, ``MaskedState``,
 ``InjectHyperparamsState``, ``MultiStepsState``, ``FactoredState`` of
 ``optax.adafactor``) are covered. A state class without a rule is walked
@@ -127,15 +133,6 @@ def _merge_entries(entries: Sequence[Entry]) -> Entry:
   if not names:
     return None
   return names[0] if len(names) == 1 else tuple(names)
-
-
-def _entry_size(entry: Entry, mesh_shape) -> Optional[int]:
-  if entry is None:
-    return 1
-  if mesh_shape is None:
-    return None
-  names = [entry] if isinstance(entry, str) else list(entry)
-  return int(np.prod([mesh_shape[n] for n in names]))
 
 
 # --------------------------------------------------------------------------
@@ -486,15 +483,6 @@ def _normalize_spec(spec, ndim: int, where: str) -> tuple:
 # Public API.
 
 
-def _abstract(params):
-  def one(x):
-    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x),
-                                sharding=getattr(x, 'sharding', None)
-                                if isinstance(x, jax.ShapeDtypeStruct)
-                                else None)
-  return jax.tree.map(one, params)
-
-
 def _specs_from_params(params):
   def one(x):
     s = getattr(x, 'sharding', None)
@@ -662,109 +650,22 @@ def _register_optax_fac_rules():
 _register_optax_fac_rules()
 
 
-# Rules for the modules that import this one (rotation, smmf, subset): they
-# may register their own at import; these are the defaults, installed on the
-# first call of state_partition_specs if the module did not.
+# The modules that import this one (rotation, smmf, subset) register the
+# rules for their own states at import; make sure they are imported before a
+# state is walked (a class without a rule is walked generically, with a
+# warning for every leaf it cannot place).
 
-
-def _subset_nu_rule(x, info: LeafInfo) -> P:
-  """Subset-norm accumulator: one value per subset (ALGORITHMS.md §5.1).
-
-  Heuristic partition: a row statistic if m > n, else a column statistic
-  (row/column rules). Integer partition (batch + (N/k,), subsets of the
-  flattened matrix): batch axes follow the parameter, the subset axis is
-  replicated [decided]. k = 1 (param-shaped): the parameter's spec.
-  """
-  sshape = _shape(x)
-  if sshape == info.shape:
-    return P(*info.spec)
-  view = info.view
-  if view is not None:
-    m, n = view.dims(info.shape)
-    rule = row_rule if m > n else col_rule
-    try:
-      return rule(x, info)
-    except _SpecError:
-      pass
-    batch = view.batch_shape(info.shape)
-    if sshape[:len(batch)] == batch and len(sshape) == len(batch) + 1:
-      return P(*info.entries(view.batch), None)
-  raise _SpecError(
-      f'subset-norm statistic of shape {sshape} does not match parameter '
-      f'{info.path} {info.shape}; pass the optimizer\'s views=')
-
-
-def _subspace_rule(field: str):
-  """Subspace momentum (ALGORITHMS.md §5.2), r = min(rank, m, n).
-
-  m <= n (project the rows): projector A (*batch, m, r) is indexed by the
-  parameter's rows -> (rows' folded spec, None); momentum (*batch, r, n) by
-  its columns -> (None, columns' folded spec). m > n: B (*batch, r, n) ->
-  (None, columns), momentum (*batch, m, r) -> (rows, None). The rank axis
-  is replicated [decided]; Aᵀ G then contracts over G's row sharding.
-  """
-
-  def rule(x, info: LeafInfo) -> P:
-    sshape = _shape(x)
-    view = info.view
-    if view is None or len(sshape) < 2:
-      raise _SpecError(f'no matrix view for {info.path}')
-    m, n = view.dims(info.shape)
-    batch = view.batch_shape(info.shape)
-    left = m <= n
-    rows_side = (field == 'projector') == left  # indexed by the rows?
-    r = sshape[-1] if rows_side else sshape[-2]
-    want = batch + ((m, r) if rows_side else (r, n))
-    if sshape != want:
-      raise _SpecError(
-          f'subspace {field} of shape {sshape} does not match parameter '
-          f'{info.path} {info.shape} under view {view} (expected {want}); '
-          "pass the optimizer's views=")
-    b = info.entries(view.batch)
-    if rows_side:
-      return P(*b, info.folded(view.rows), None)
-    return P(*b, None, info.folded(view.cols))
-
-  rule.__name__ = f'subspace_{field}'
-  return rule
-
-
-def _optional_default_rules():
-  out = []
-  try:
-    smmf = importlib.import_module('optax_fac.smmf')
-    out.append((smmf.SMMFState, {
-        'count': 'scalar', 'm_row': 'flat', 'm_col': 'flat', 'm_sign': 'flat',
-        'v_row': 'flat', 'v_col': 'flat'}))
-  except (ImportError, AttributeError):
-    pass
-  try:
-    subset = importlib.import_module('optax_fac.subset')
-    out.append((subset.SubsetNormState, {
-        'count': 'scalar', 'nu': _subset_nu_rule, 'momentum': 'state'}))
-    out.append((subset.SubspaceMomentumState, {
-        'count': 'scalar', 'mu': _subspace_rule('mu'),
-        'projector': _subspace_rule('projector')}))
-    if hasattr(subset, 'BiasCorrectionState'):
-      out.append((subset.BiasCorrectionState, {'count': 'scalar'}))
-  except (ImportError, AttributeError):
-    pass
-  try:
-    rotation = importlib.import_module('optax_fac.rotation')
-    out.append((rotation.SvdRotationState, {
-        'count': 'scalar', 'left': 'row_basis', 'right': 'col_basis',
-        'inner_state': 'state'}))
-  except (ImportError, AttributeError):
-    pass
-  return out
-
-
-_DEFAULTS_INSTALLED = [False]
+_OPTIONAL_MODULES = ('optax_fac.rotation', 'optax_fac.smmf',
+                     'optax_fac.subset')
+_MODULES_IMPORTED = [False]
 
 
 def _ensure_rules():
-  if _DEFAULTS_INSTALLED[0]:
+  if _MODULES_IMPORTED[0]:
     return
-  _DEFAULTS_INSTALLED[0] = True
-  for cls, rule in _optional_default_rules():
-    _REGISTRY.setdefault(cls, rule)
+  _MODULES_IMPORTED[0] = True
+  for name in _OPTIONAL_MODULES:
+    try:
+      importlib.import_module(name)
+    except ImportError:  # pragma: no cover - a module not written yet
+      pass

@@ -13,7 +13,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 import optax_fac
 from optax_fac.experiments import distributed as dist
