@@ -90,7 +90,8 @@ def test_two_processes_train_to_identical_params(tmp_path):
   # And equal to one device on the full batch.
   txs = {k: dist.make_named(k)[0] for k in names}
   params, batch = dist.toy_problem(16)
-  ref, _, _ = dist.run_single(txs, params, batch, STEPS, jax.devices()[0])
+  ref, _, _ = dist.run_single(txs, params, batch, STEPS,
+                              jax.devices('cpu')[0])  # as the workers
   flat = jax.tree_util.tree_flatten_with_path(ref)[0]
   assert len(flat) == len(a) - 1
   for path, x in flat:

@@ -46,7 +46,11 @@ def test_every_named_optimizer_is_covered():
 
 
 def test_eight_devices():
-  assert jax.device_count() >= 8, 'conftest.py must give 8 CPU devices'
+  if jax.default_backend() == 'cpu':
+    assert jax.device_count() >= 8, 'conftest.py must give 8 CPU devices'
+
+# The specs tests need no devices: an abstract (4, 2) mesh.
+MESH_4x2 = jax.sharding.AbstractMesh((4, 2), ('data', 'model'))
 
 
 # --------------------------------------------------------------------------
@@ -86,9 +90,8 @@ def test_specs_match_state_structure_and_rank(name):
     assert isinstance(spec, P)
     assert len(spec) == leaf.ndim, (spec, leaf.shape)
   # Every spec is valid for its array on a (4, 2) mesh.
-  mesh = jax.make_mesh((4, 2), ('data', 'model'))
   for spec, leaf in zip(spec_leaves, state_leaves):
-    NamedSharding(mesh, spec).shard_shape(leaf.shape)
+    NamedSharding(MESH_4x2, spec).shard_shape(leaf.shape)
 
 
 def _find(specs, state, predicate):
@@ -157,9 +160,9 @@ def test_rotation_basis_specs():
 
 
 def test_params_with_shardings_need_no_specs():
-  mesh = jax.make_mesh((4, 2), ('data', 'model'))
   params = {'w': jax.ShapeDtypeStruct(
-      (16, 8), jnp.float32, sharding=NamedSharding(mesh, P('data', 'model')))}
+      (16, 8), jnp.float32,
+      sharding=NamedSharding(MESH_4x2, P('data', 'model')))}
   tx = optax_fac.adafactor_momentum(1e-3)
   shardings = optax_fac.state_shardings(tx, params)
   got = {s.spec for s in jax.tree.leaves(shardings)}
@@ -221,7 +224,10 @@ def test_parallel_equivalence(family):
   names = [n for n in FAMILIES[family] if hasattr(optax_fac, n)]
   if not names:
     pytest.skip(f'{family}: not available yet')
-  results = dist.check_group(names, steps=2, devices=jax.devices()[:8])
+  # Full float32 matmuls (GPUs default to TF32, whose rounding would differ
+  # between the single-device and the parallel runs).
+  with jax.default_matmul_precision('highest'):
+    results = dist.check_group(names, steps=2, devices=jax.devices()[:8])
   failures = [r for r in results if not r.ok]
   assert len(results) == 3 * len(names)
   assert not failures, '\n'.join(
@@ -238,11 +244,13 @@ def test_refreshed_basis_is_identical_on_every_device():
   txs = {'a': tx}
   params, batch = dist.toy_problem()
   devices = jax.devices()[:8]
-  ref_p, ref_s, _ = dist.run_single(txs, params, batch, 1, devices[0])
-  _, state, rep, s_sh = dist.run_sharded_2d(txs, params, batch, 1, devices,
-                                            views={'a': views})
+  with jax.default_matmul_precision('highest'):
+    ref_p, ref_s, _ = dist.run_single(txs, params, batch, 1, devices[0])
+    _, state, rep, s_sh = dist.run_sharded_2d(txs, params, batch, 1, devices,
+                                              views={'a': views})
   assert rep == 0.0
   method = lambda s: s['a'][0].inner_states['method'].inner_state
+  copies = 0
   for side in ('left', 'right'):
     for k, basis in getattr(method(state), side).items():
       if isinstance(basis, optax.MaskedNode):  # a bias: not rotated
@@ -255,7 +263,9 @@ def test_refreshed_basis_is_identical_on_every_device():
       groups = {}
       for shard in basis.addressable_shards:
         groups.setdefault(str(shard.index), []).append(np.asarray(shard.data))
-      assert all(len(g) >= 2 for g in groups.values())  # really replicated
+      copies = max(copies, *(len(g) for g in groups.values()))
       for g in groups.values():
         for c in g[1:]:
           np.testing.assert_array_equal(c, g[0])
+  if len(devices) > 1:
+    assert copies >= 2  # some basis block really is held by several devices
