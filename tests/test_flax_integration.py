@@ -245,7 +245,8 @@ def test_nnx_stacked_equals_separate_layers(name):
       'u': (unrolled, nnx.Optimizer(unrolled, _make(name, stacked=False),
                                     wrt=nnx.Param)),
   }
-  _nnx_train(pairs, x, y)
+  with jax.default_matmul_precision('highest'):  # no TF32 on GPUs
+    _nnx_train(pairs, x, y)
   for l in range(LAYERS):
     np.testing.assert_allclose(
         scanned.blocks.linear.kernel.value[l],
