@@ -46,6 +46,7 @@ def get_config():
       learning_rates=ml_collections.ConfigDict(dict(
           adamw=3e-3, hfac=3e-3, sign_fsgd=1e-3, adadiag=3e-3, smmf=3e-3,
           adam_sn=3e-2)),
-      optimizer_kwargs=ml_collections.ConfigDict(),
+      optimizer_kwargs=ml_collections.ConfigDict(dict(
+          smmf=dict(decay_rate=-0.8))),  # SMMF README: -0.8 for Transformers
   ))
   return config

@@ -7,6 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from optax_fac.experiments import config_lib
+from optax_fac.experiments import models
 from optax_fac.experiments import optimizers
 
 
@@ -36,3 +37,10 @@ def check(config) -> None:
     optimizers.lookup(config.optimizer)
   except ValueError as e:
     raise config_lib.ConfigError(f'config.optimizer: {e}') from None
+  section = config.model.to_dict()
+  if section.get('name') == 'llama':
+    section.setdefault('vocab_size', 256)
+  try:
+    models.build_model(section)
+  except (ValueError, TypeError) as e:
+    raise config_lib.ConfigError(f'config.model: {e}') from None

@@ -10,8 +10,9 @@ A config file is a Python file with ``get_config()`` returning an
 Every ``--config.a.b=value`` must name an existing field (a typo fails with
 the closest names); the value is parsed to the field's type (int, float,
 bool, str, tuple, None). Sections listed in ``OPEN_SECTIONS`` (the optimizer's
-keyword arguments) accept new keys; their values are parsed as Python
-literals, else kept as strings.
+keyword arguments, the model's fields) accept new keys; their values are
+parsed as Python literals, else kept as strings, and checked by the code that
+uses them (the optimizer's signature, the model's config dataclass).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import importlib.util
 import os
 from typing import Any, Sequence
 
-OPEN_SECTIONS = ('optimizer_kwargs',)
+OPEN_SECTIONS = ('optimizer_kwargs', 'model')
 
 
 class ConfigError(ValueError):

@@ -15,8 +15,10 @@ import os
 from typing import Any, Callable, Mapping
 
 from optax_fac.experiments.data import c4
-from optax_fac.experiments.data import images
 from optax_fac.experiments.data import text
+
+# Image readers need PIL; imported on first use so text-only runs (e.g. on a
+# machine with only jax, flax, optax) do not need it.
 
 TEXT = ('shakespeare', 'stdlib', 'c4')
 IMAGES = ('imagenet', 'mnist5k', 'digits')
@@ -79,6 +81,7 @@ def make_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int,
                 units_per_example=seq_len)
 
   if name in IMAGES:
+    from optax_fac.experiments.data import images  # pylint: disable=g-import-not-at-top
     if name == 'imagenet':
       if get('source', 'folder') == 'folder':
         root = get('data_dir')
@@ -132,4 +135,4 @@ def make_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int,
   raise ValueError(f'Unknown data.name {name!r}; known: {TEXT + IMAGES}.')
 
 
-__all__ = ['Data', 'make_data', 'c4', 'images', 'text']
+__all__ = ['Data', 'make_data', 'c4', 'text']

@@ -9,6 +9,7 @@ the module's real parameter count against.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -37,11 +38,14 @@ def build_model(model_config: Mapping[str, Any]):
   if name not in _REGISTRY:
     raise ValueError(f'Unknown model {name!r}; known: {sorted(_REGISTRY)}.')
   cfg_cls, module_cls = _REGISTRY[name]
-  fields = {f.name for f in dataclasses.fields(cfg_cls)}
-  unknown = sorted(set(model_config) - fields - {'size'})
+  fields = {f.name for f in dataclasses.fields(cfg_cls)} | {'size'}
+  unknown = sorted(set(model_config) - fields)
   if unknown:
-    raise ValueError(f'Unknown field(s) {unknown} for model {name!r}; known: '
-                     f'{sorted(fields | {"size"})}.')
+    close = sorted({c for u in unknown
+                    for c in difflib.get_close_matches(u, fields, n=2)})
+    hint = f' Did you mean {close}?' if close else ''
+    raise ValueError(f'Unknown field(s) {unknown} for model {name!r}.{hint} '
+                     f'Known: {sorted(fields)}.')
   if isinstance(model_config.get('dtype'), str):
     model_config['dtype'] = jnp.dtype(model_config['dtype'])
   for key, value in model_config.items():

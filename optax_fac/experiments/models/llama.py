@@ -56,7 +56,8 @@ class LlamaConfig:
     if size not in SIZES:
       raise ValueError(f'Unknown LLaMA size {size!r}; known: {sorted(SIZES)}.')
     d, f, l, h = SIZES[size]
-    return cls(d_model=d, ffn_dim=f, num_layers=l, num_heads=h, **overrides)
+    fields = dict(d_model=d, ffn_dim=f, num_layers=l, num_heads=h)
+    return cls(**{**fields, **overrides})
 
   def num_params(self) -> int:
     """The parameter count this config implies (checked against the model)."""

@@ -43,8 +43,9 @@ class ResNetConfig:
     if size not in SIZES:
       raise ValueError(f'Unknown ResNet size {size!r}; known: {sorted(SIZES)}.')
     stages, block, width, stem = SIZES[size]
-    return cls(stage_sizes=tuple(stages), block=block, width=width, stem=stem,
-               **overrides)
+    fields = dict(stage_sizes=tuple(stages), block=block, width=width,
+                  stem=stem)
+    return cls(**{**fields, **overrides})
 
   def num_params(self) -> int:
     """Trainable parameters this config implies (BN scale+bias counted)."""

@@ -44,7 +44,8 @@ class ViTConfig:
     if size not in SIZES:
       raise ValueError(f'Unknown ViT size {size!r}; known: {sorted(SIZES)}.')
     p, w, d, h, m = SIZES[size]
-    return cls(patch=p, width=w, depth=d, heads=h, mlp_dim=m, **overrides)
+    fields = dict(patch=p, width=w, depth=d, heads=h, mlp_dim=m)
+    return cls(**{**fields, **overrides})
 
   @property
   def num_patches(self) -> int:
