@@ -29,7 +29,7 @@ def get_config():
       name='imagenet', source='folder', data_dir='', train_split='train',
       eval_split='validation', image_size=224, crop='inception', flip=True,
       randaugment=None, mixup_alpha=0.0, normalize='imagenet',
-      num_workers=32, eval_batches=None))
+      num_workers=32, prefetch=2, eval_batches=None))
   config.batch_size = 1024
   config.eval_batch_size = 1000
   config.microbatches = 1

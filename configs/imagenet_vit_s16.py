@@ -26,7 +26,7 @@ def get_config(size='s16'):
       name='imagenet', source='folder', data_dir='', train_split='train',
       eval_split='validation', image_size=224, crop='inception', flip=True,
       randaugment=(2, 15), mixup_alpha=0.5, normalize='imagenet',
-      num_workers=32, eval_batches=None))
+      num_workers=32, prefetch=2, eval_batches=None))
   config.batch_size = 4096
   config.eval_batch_size = 1000
   config.microbatches = 1

@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable, Mapping
 
 from optax_fac.experiments.data import c4
+from optax_fac.experiments.data import prefetch
 from optax_fac.experiments.data import text
 
 # Image readers need PIL; imported on first use so text-only runs (e.g. on a
@@ -56,7 +57,7 @@ def make_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int,
                                                  'c4-validation.*.json.gz'))
       train = c4.PackedC4(train_files, tok, seq_len, batch_size, seed=seed)
       if get('prefetch', 2):
-        train = c4.Prefetch(train, get('prefetch', 2))
+        train = prefetch.Prefetch(train, get('prefetch', 2))
       cache = {}
 
       def eval_batches():
@@ -113,6 +114,8 @@ def make_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int,
         train_src, batch_size, train=True, flip=get('flip', True),
         randaugment=get('randaugment'), mixup_alpha=get('mixup_alpha', 0.0),
         **common)
+    if get('prefetch', 0):
+      train = prefetch.Prefetch(train, get('prefetch'))
     evaluator = images.ImageIterator(eval_src, eval_batch_size, train=False,
                                      **common)
     cache = {}
