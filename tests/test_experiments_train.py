@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import runpy
-import sys
 
 import jax
 import numpy as np

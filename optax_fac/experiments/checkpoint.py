@@ -16,7 +16,7 @@ needs only jax, flax and optax.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np

@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
