@@ -136,6 +136,19 @@ class MatrixView:
     return jnp.transpose(x, np.argsort(perm))
 
 
+def explicit_mesh() -> bool:
+  """True inside ``jax.set_mesh`` of a mesh with an Explicit axis type."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return (not mesh.empty) and any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def sharding_spec(x) -> tuple:
+  """``x``'s PartitionSpec entries under sharding-in-types, one per axis."""
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
 def default_view(shape: Sequence[int]) -> Optional[MatrixView]:
   """The default view: ndim >= 2 -> rows = all but the last axis; else None."""
   ndim = len(shape)

@@ -140,15 +140,10 @@ def rotated_sides(shape: Sequence[int], view: Optional[matrix.MatrixView] = None
 # sharded leaves stay sharded under an explicit mesh).
 
 
-def _explicit_mesh() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  return (not mesh.empty) and any(
-      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+_explicit_mesh = matrix.explicit_mesh
 
 
-def _spec(x) -> tuple:
-  spec = tuple(jax.typeof(x).sharding.spec)
-  return spec + (None,) * (x.ndim - len(spec))
+_spec = matrix.sharding_spec
 
 
 def _dot(lhs, rhs, dims, out_spec_fn, precision):

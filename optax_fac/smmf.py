@@ -124,9 +124,7 @@ def _explicit_mesh():
   return mesh
 
 
-def _spec_entries(x) -> tuple:
-  spec = tuple(jax.typeof(x).sharding.spec)
-  return spec + (None,) * (x.ndim - len(spec))
+_spec_entries = matrix.sharding_spec
 
 
 def _axis_names(entry) -> tuple[str, ...]:

@@ -87,15 +87,10 @@ def _as_f32(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
-def _explicit_mesh() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  return (not mesh.empty) and any(
-      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+_explicit_mesh = matrix.explicit_mesh
 
 
-def _spec(x) -> tuple:
-  spec = tuple(jax.typeof(x).sharding.spec)
-  return spec + (None,) * (x.ndim - len(spec))
+_spec = matrix.sharding_spec
 
 
 def _to_matrix(x: jax.Array, view: matrix.MatrixView) -> jax.Array:
