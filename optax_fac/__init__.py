@@ -4,6 +4,7 @@ Composable ``scale_by_*`` transforms and named optimizers (see README.md and
 ALGORITHMS.md for the math of each).
 """
 
+from optax_fac.accumulation import MultiSteps
 from optax_fac.alias import adafactor_momentum
 from optax_fac.alias import adam_fallback
 from optax_fac.alias import exclude_by_name
@@ -61,6 +62,7 @@ __all__ = (
     'HfacState',
     'LeafInfo',
     'MatrixView',
+    'MultiSteps',
     'SMMFState',
     'SubsetNormState',
     'SubspaceMomentumState',

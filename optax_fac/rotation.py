@@ -426,14 +426,15 @@ def svd_rotation(
 
   Performance: a non-refresh step costs the rotation matmuls only; the
   refresh runs under one ``lax.cond`` on this wrapper's counter for the whole
-  tree, with same-size decompositions batched. Inside ``optax.MultiSteps``
-  the inner update (and so this wrapper) runs on every micro-step with the
-  state of the last real step, so the counter and the refresh predicate are
-  the same for all micro-steps of one real step: a non-refresh real step
-  decomposes nothing, and a refresh real step decomposes once per micro-step
-  (each from the gradient accumulated so far; MultiSteps keeps only the last,
-  computed from the full accumulated gradient). Amortised cost: k/``every``
-  decompositions per real step for k micro-steps.
+  tree, with same-size decompositions batched. For gradient accumulation use
+  :class:`optax_fac.MultiSteps` (a drop-in ``optax.MultiSteps``, same state),
+  which decomposes once per refresh step. ``optax.MultiSteps`` runs the inner
+  update (and so this wrapper) on every micro-step with the state of the last
+  real step, so the counter and the refresh predicate are the same for all k
+  micro-steps of a refresh step and each of them decomposes (from the
+  gradient accumulated so far; only the last, from the full accumulated
+  gradient, is kept): k/``every`` instead of 1/``every`` decompositions per
+  real step, with the same results.
 
   Args:
     inner: the transform to run in rotated coordinates (e.g.
