@@ -10,6 +10,22 @@ object per logged step), WORKDIR/summary.json, and orbax checkpoints in
 WORKDIR/checkpoints every config.checkpoint_every_steps; --resume continues
 from the latest checkpoint exactly (same data position and RNG);
 --stop_after=N stops early with a checkpoint, as a preempted job would.
+
+Multi-host: run the same command once per process with --distributed
+(``jax.distributed.initialize``; the coordinator, process count and id come
+from --coordinator_address / --num_processes / --process_id, else from
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else from
+JAX's cluster auto-detection on SLURM, Open MPI, Kubernetes or Cloud TPU).
+Setting JAX_COORDINATOR_ADDRESS alone also turns it on. Training is then data
+parallel over every device of every process (params and optimizer state
+replicated, each process feeding its block of every global batch); process
+0 writes the metrics, summary and progress; all processes save the orbax
+checkpoints together, so WORKDIR must be a directory every process sees:
+
+    # on host i of 2 (i = 0, 1):
+    python scripts/train.py --distributed --coordinator_address=host0:1234 \
+        --num_processes=2 --process_id=$i \
+        --config=configs/c4_llama_60m.py --workdir=/shared/c4_60m_hfac
 """
 
 import argparse
@@ -35,14 +51,33 @@ def main(argv=None):
                       'done, as a preempted job; --resume continues')
   parser.add_argument('--no_progress', action='store_true',
                       help='no progress bar')
+  group = parser.add_argument_group('multi-host')
+  group.add_argument('--distributed', action='store_true',
+                     help='call jax.distributed.initialize (implied when '
+                     'JAX_COORDINATOR_ADDRESS is set)')
+  group.add_argument('--coordinator_address', default=None,
+                     help='host:port of process 0 (env '
+                     'JAX_COORDINATOR_ADDRESS)')
+  group.add_argument('--num_processes', type=int, default=None,
+                     help='number of processes (env JAX_NUM_PROCESSES)')
+  group.add_argument('--process_id', type=int, default=None,
+                     help='this process\'s index (env JAX_PROCESS_ID)')
+  # Parsing and the config checks touch no JAX backend, so
+  # jax.distributed.initialize can still run after them.
   args, config = cli.parse(parser, argv)
+  from optax_fac.experiments import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(
+      True if args.distributed else None,
+      coordinator_address=args.coordinator_address,
+      num_processes=args.num_processes, process_id=args.process_id)
   from optax_fac.experiments import train  # pylint: disable=g-import-not-at-top
   summary = train.train_and_evaluate(config, args.workdir, resume=args.resume,
                                      progress=not args.no_progress,
                                      stop_after=args.stop_after)
-  printable = {k: v for k, v in summary.items()
-               if k not in ('state', 'step_times')}
-  print(json.dumps(printable, indent=1, default=str))
+  if distributed.is_main_process():
+    printable = {k: v for k, v in summary.items()
+                 if k not in ('state', 'step_times')}
+    print(json.dumps(printable, indent=1, default=str))
   return summary
 
 

@@ -9,6 +9,13 @@ optimizer state replicated). Writes the final params (this process's copy)
 to ``--out`` as .npz.
 
     python tests/multihost_worker.py --out=/tmp/p0.npz --steps=3
+
+Second mode, ``train``: runs ``scripts/train.py``'s ``main`` with the
+arguments after ``--`` (e.g. ``--distributed``), then saves this process's
+copy of the final params, the step and the process count to ``--out``:
+
+    python tests/multihost_worker.py train --out=/tmp/p0.npz -- \
+        --distributed --config=configs/demo_shakespeare.py --workdir=...
 """
 
 import argparse
@@ -18,7 +25,35 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def train_main(argv):
+  """``train --out=PATH -- <scripts/train.py arguments>``."""
+  split = argv.index('--')
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--out', required=True)
+  args = parser.parse_args(argv[:split])
+  import runpy  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = runpy.run_path(os.path.join(root, 'scripts', 'train.py'))
+  summary = script['main'](argv[split + 1:])  # initialises jax.distributed
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  state = summary['state']
+  flat = jax.tree_util.tree_flatten_with_path(state['params'])[0]
+  arrays = {jax.tree_util.keystr(p): np.asarray(a.addressable_data(0))
+            for p, a in flat}
+  arrays['__step__'] = np.asarray(state['step'].addressable_data(0))
+  arrays['__process_count__'] = np.asarray(jax.process_count())
+  arrays['__device_count__'] = np.asarray(jax.device_count())
+  arrays['__final_train_loss__'] = np.asarray(summary['final_train_loss'])
+  np.savez(args.out, **arrays)
+  print(f'process {jax.process_index()} of {jax.process_count()}: saved '
+        f'{args.out}', flush=True)
+
+
 def main():
+  if sys.argv[1:2] == ['train']:
+    return train_main(sys.argv[2:])
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', required=True)
   parser.add_argument('--steps', type=int, default=3)

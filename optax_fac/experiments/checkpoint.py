@@ -9,6 +9,11 @@ initialised state: optax states are NamedTuples with ``MaskedNode`` and
 ``None`` parts, which a restore without a target would turn into lists and
 dicts (google/orbax#487, google-deepmind/ferminet#105).
 
+Multi-process runs (``scripts/train.py --distributed``): every process
+constructs the :class:`Checkpointer` and calls ``save`` / ``restore`` with
+the same global arrays (orbax synchronises them and writes each array once),
+so the directory must be one that every process sees.
+
 orbax-checkpoint is imported on first use, so training without checkpoints
 needs only jax, flax and optax.
 """

@@ -15,6 +15,27 @@ trains with one jitted step, and writes
   continues exactly (same batches, same RNG: bitwise-equal on CPU);
 * ``workdir/summary.json`` — what :func:`summarize` returns.
 
+Multi-host (``scripts/train.py --distributed``, after
+:func:`optax_fac.experiments.distributed.initialize`): with several processes
+the step is data parallel over every device of every process — a 1-D
+``('data',)`` mesh (:func:`~optax_fac.experiments.distributed.data_mesh`),
+params, optimizer state and model state replicated, each batch's rows split
+over the devices. Every process runs the same data stream (same seed, same
+position) and feeds only its own contiguous block of each global batch's
+rows (:func:`~optax_fac.experiments.distributed.shard_batch`), so a run gives
+the same batches, and to float32 precision the same result, on any number
+of processes, and the data position in a checkpoint is the same for all.
+[decided] Simple over economical: each process reads (tokenizes, decodes)
+the whole global batch and drops the other rows. ``batch_size`` and
+``eval_batch_size`` must be divisible by the number of devices. Only process
+0 writes ``metrics.jsonl``, ``config.json``, ``summary.json`` and shows
+progress; orbax checkpoints are saved and restored by all processes
+together, as orbax requires (it writes the metadata and the data position
+from process 0 and each replicated array once, possibly split between the
+processes; resume is bitwise exact on CPU, tested), so ``workdir`` must be
+one directory that every process sees (a shared or network filesystem,
+GCS). A single process trains on its first device, as before.
+
 Config fields (see ``configs/*.py``): seed, batch_size, eval_batch_size,
 num_train_steps or num_epochs, optimizer, learning_rate, optimizer_kwargs,
 weight_decay, method_exclude, weight_decay_exclude, grad_clip, schedule
@@ -36,9 +57,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from optax_fac import memory
 from optax_fac.experiments import data as data_lib
+from optax_fac.experiments import distributed as dist
 from optax_fac.experiments import models
 from optax_fac.experiments import optimizers
 
@@ -66,10 +90,19 @@ def _plain(x):
 
 
 class MetricsWriter:
-  """Appends JSON lines to ``path``; on resume drops records past ``step``."""
+  """Appends JSON lines to ``path``; on resume drops records past ``step``.
 
-  def __init__(self, path: str, resume_step: Optional[int] = None):
+  ``enabled=False`` (processes other than 0 of a multi-host run): nothing is
+  written; the records of this run are kept in memory for :meth:`read`.
+  """
+
+  def __init__(self, path: str, resume_step: Optional[int] = None,
+               enabled: bool = True):
     self.path = path
+    self.enabled = enabled
+    self._records = []
+    if not enabled:
+      return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if resume_step is None:
       open(path, 'w').close()
@@ -80,9 +113,16 @@ class MetricsWriter:
           f.write(json.dumps(r) + '\n')
 
   def write(self, records) -> None:
+    if not self.enabled:
+      self._records.extend(records)
+      return
     with open(self.path, 'a') as f:
       for r in records:
         f.write(json.dumps(r) + '\n')
+
+  def read(self) -> list[dict]:
+    """All records: the file's, or (disabled) this run's."""
+    return read_metrics(self.path) if self.enabled else list(self._records)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -200,13 +240,22 @@ def _losses(logits, batch, task, label_smoothing):
           {'accuracy': (correct * weight).sum() / denom})
 
 
+def _shardings(mesh):
+  """(replicated, batch rows over 'data') shardings of ``mesh``, or Nones."""
+  if mesh is None:
+    return None, None
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+
+
 def make_train_step(model, tx, task, schedule, label_smoothing=0.0,
-                    microbatches: int = 1):
+                    microbatches: int = 1, mesh=None):
   """The jitted update: (state, batch) -> (state, metrics).
 
   With ``microbatches = k > 1`` the batch is split into k equal parts whose
   gradients are averaged (``lax.scan``) before one optimizer update: the
-  same update as the full batch, in 1/k of the activation memory.
+  same update as the full batch, in 1/k of the activation memory. With a
+  ``mesh`` (1-D, axis ``'data'``) the state and metrics are replicated and
+  the batch is split over the data axis.
   """
 
   def grads_of(params, model_state, batch, rng):
@@ -257,10 +306,14 @@ def make_train_step(model, tx, task, schedule, label_smoothing=0.0,
     metrics = dict(metrics, learning_rate=schedule(state['step']))
     return new_state, metrics
 
-  return jax.jit(step_fn, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(step_fn, donate_argnums=0)
+  rep, rows = _shardings(mesh)
+  return jax.jit(step_fn, donate_argnums=0, in_shardings=(rep, rows),
+                 out_shardings=(rep, rep))
 
 
-def make_eval_step(model, task):
+def make_eval_step(model, task, mesh=None):
   def eval_fn(state, batch):
     inputs = batch['inputs'] if task == 'lm' else batch['image']
     variables = {'params': state['params'], **state['model_state']}
@@ -269,7 +322,10 @@ def make_eval_step(model, task):
     weight = (batch['weight'].sum() if 'weight' in batch else
               jnp.asarray(inputs.shape[0], jnp.float32))
     return {'loss': loss, **aux}, weight
-  return jax.jit(eval_fn)
+  if mesh is None:
+    return jax.jit(eval_fn)
+  rep, rows = _shardings(mesh)
+  return jax.jit(eval_fn, in_shardings=(rep, rows), out_shardings=rep)
 
 
 def evaluate(eval_step, state, batches) -> dict:
@@ -282,12 +338,12 @@ def evaluate(eval_step, state, batches) -> dict:
   return {f'eval_{k}': v / total for k, v in sums.items()}
 
 
-def init_state(model, tx, data, seed: int) -> dict:
-  rng = jax.random.PRNGKey(seed)
-  init_rng, train_rng = jax.random.split(rng)
+def init_state(model, tx, data, seed: int, mesh=None) -> dict:
+  """The train state; replicated over ``mesh`` if given."""
 
-  @jax.jit
-  def init(key):
+  def init():
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+    key = init_rng
     variables = model.init({'params': key, 'dropout': key},
                            _dummy_input(data), train=False)
     variables = dict(variables)
@@ -296,7 +352,9 @@ def init_state(model, tx, data, seed: int) -> dict:
             'model_state': variables, 'opt_state': tx.init(params),
             'rng': train_rng}
 
-  return init(init_rng)
+  if mesh is None:
+    return jax.jit(init)()
+  return jax.jit(init, out_shardings=_shardings(mesh)[0])()
 
 
 # -- The loop ---------------------------------------------------------------------
@@ -320,14 +378,25 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
       continues exactly.
 
   Returns:
-    The run summary (also written to ``workdir/summary.json``).
+    The run summary (also written to ``workdir/summary.json`` by process 0;
+    on other processes its metrics cover this run's steps only), with the
+    final ``state`` (global arrays) and ``step_times`` added.
   """
-  os.makedirs(workdir, exist_ok=True)
+  main = dist.is_main_process()
+  mesh = dist.data_mesh()
+  if main:
+    os.makedirs(workdir, exist_ok=True)
   seed = int(_get(config, 'seed', 0))
   batch_size = int(config.batch_size)
   data = data_lib.make_data(_plain(config.data), batch_size,
                             int(_get(config, 'eval_batch_size', batch_size)),
                             seed)
+  for key, rows in (('batch_size', batch_size),
+                    ('eval_batch_size',
+                     int(_get(config, 'eval_batch_size', batch_size)))):
+    if rows % mesh.size:
+      raise ValueError(f'config.{key}={rows} is not divisible by the number '
+                       f'of devices ({mesh.size}) it is split over.')
   steps = total_steps(config, data)
   schedule = make_schedule(config, steps)
   tx = make_tx(config, schedule)
@@ -342,7 +411,7 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
         'that run, or use a new --workdir.')
 
   t_init = time.time()
-  state = init_state(model, tx, data, seed)
+  state = init_state(model, tx, data, seed, mesh)
   num_params = sum(int(np.prod(x.shape)) for x in
                    jax.tree.leaves(state['params']))
   state_bytes = memory.state_size(tx, state['params'])
@@ -357,9 +426,10 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
     start = int(state['step'])
 
   writer = MetricsWriter(os.path.join(workdir, 'metrics.jsonl'),
-                         resume_step=start if resume else None)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(_plain(config), f, indent=1, default=str)
+                         resume_step=start if resume else None, enabled=main)
+  if main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(_plain(config), f, indent=1, default=str)
 
   microbatches = int(_get(config, 'microbatches', 1))
   if batch_size % microbatches:
@@ -367,14 +437,15 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
                      f'microbatches={microbatches}.')
   train_step = make_train_step(model, tx, data.task, schedule,
                                float(_get(config, 'label_smoothing', 0.0)),
-                               microbatches)
-  eval_step = make_eval_step(model, data.task)
+                               microbatches, mesh)
+  eval_step = make_eval_step(model, data.task, mesh)
+  put = lambda batch: dist.shard_batch(batch, mesh)  # noqa: E731
   log_every = max(1, int(_get(config, 'log_every_steps', 1)))
   flush_every = max(log_every, int(_get(config, 'flush_every_steps', 10)))
   eval_every = int(_get(config, 'eval_every_steps', 0))
   units = batch_size * data.units_per_example
   label = desc or config.optimizer
-  bar = _Progress(steps, start, label, progress)
+  bar = _Progress(steps, start, label, progress and main)
 
   pending = []  # (step, device metrics)
   step_times = []
@@ -420,7 +491,7 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
   end = steps if stop_after is None else max(start, min(steps, stop_after))
   try:
     for step in range(start, end):
-      batch = next(data.train)
+      batch = put(next(data.train))
       state, metrics = train_step(state, batch)
       done = step + 1
       if done % log_every == 0 or done == steps:
@@ -430,7 +501,8 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
       if is_eval:
         jax.block_until_ready(state['params'])
         t_eval = time.time()
-        eval_metrics = evaluate(eval_step, state, data.eval_batches())
+        eval_metrics = evaluate(eval_step, state,
+                                map(put, data.eval_batches()))
         flush(done, eval_metrics, exclude=time.time() - t_eval)
       elif len(pending) * log_every >= flush_every or done == end or \
           (done == start + 1):
@@ -446,7 +518,7 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
     if hasattr(data.train, 'close'):
       data.train.close()
 
-  records = read_metrics(writer.path)
+  records = writer.read()
   summary = summarize(records)
   summary.update({
       'median_step_time_s': (float(np.median(step_times)) if step_times
@@ -460,8 +532,12 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
       'wall_s': time.time() - t_init,
       'model': _plain(config.model),
   })
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1, default=str)
+  if jax.process_count() > 1:
+    summary['process_count'] = jax.process_count()
+    summary['device_count'] = mesh.size
+  if main:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=1, default=str)
   summary['state'] = state
   summary['step_times'] = step_times
   return summary
