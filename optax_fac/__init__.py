@@ -34,6 +34,8 @@ from optax_fac.rotation import adafac_diag_pp
 from optax_fac.rotation import hfac_diag
 from optax_fac.rotation import svd_rotation
 from optax_fac.sharding import LeafInfo
+from optax_fac.stacking import StackedState
+from optax_fac.stacking import stack_leaves
 from optax_fac.sharding import register_state_rule
 from optax_fac.sharding import state_partition_report
 from optax_fac.sharding import state_partition_specs
@@ -56,6 +58,8 @@ from optax_fac.subset import scale_by_subspace_momentum
 __version__ = '0.1.0'
 
 __all__ = (
+    'StackedState',
+    'stack_leaves',
     'BiasCorrectionState',
     'FactoredMomentumState',
     'FactoredRmsState',

@@ -650,13 +650,38 @@ def _register_optax_fac_rules():
 _register_optax_fac_rules()
 
 
+def _stacked_rule(node, walker: '_Walker'):
+  """``stacking.StackedState``: walk the inner state on the stacked tree.
+
+  A group's stacked parameter has spec (None, *common), ``common`` being each
+  axis's entry where all members agree, else None (replicated).
+  """
+  stacking = importlib.import_module('optax_fac.stacking')
+  groups = node.groups
+  params, specs = {}, {}
+  views = stacking.stacked_views(groups)
+  for key, idx in zip(groups.keys, groups.members):
+    infos = [walker.infos[i] for i in idx]
+    first = infos[0]
+    common = tuple(e if all(i.spec[a] == e for i in infos) else None
+                   for a, e in enumerate(first.spec))
+    params[key] = jax.ShapeDtypeStruct((len(idx),) + first.shape, jnp.float32)
+    specs[key] = P(None, *common)
+  mesh_shape = walker.infos[0].mesh_shape if walker.infos else None
+  sub = _Walker(params, specs, views, True, mesh_shape)
+  inner = sub.walk(node.inner, 'state.stacked')
+  walker.records.extend(sub.records)
+  walker.unhandled.extend(sub.unhandled)
+  return stacking.StackedState(inner, groups)
+
+
 # The modules that import this one (rotation, smmf, subset) register the
 # rules for their own states at import; make sure they are imported before a
 # state is walked (a class without a rule is walked generically, with a
 # warning for every leaf it cannot place).
 
 _OPTIONAL_MODULES = ('optax_fac.rotation', 'optax_fac.smmf',
-                     'optax_fac.subset')
+                     'optax_fac.subset', 'optax_fac.stacking')
 _MODULES_IMPORTED = [False]
 
 

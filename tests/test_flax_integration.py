@@ -213,11 +213,19 @@ def test_nnx_optimizer_with_every_named_optimizer():
 
 def test_nnx_stacked_kernel_gets_per_layer_statistics():
   model = Scanned(nnx.Rngs(0))
-  opt = nnx.Optimizer(model, _make('hfac'), wrt=nnx.Param)
+  tx = optax_fac.hfac(learning_rate=LR, views=layer_views, mask=layer_mask,
+                      stack_leaves=False)
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
   hstate = opt.opt_state[0].inner_states['method'].inner_state
   kernel = lambda tree: tree['blocks']['linear']['kernel'].value.shape
   assert kernel(hstate.row) == (LAYERS, DIM)  # per layer, per row
   assert kernel(hstate.col) == (LAYERS, DIM)  # per layer, per column
+  # Stacked (the default): the kernel is a group of one, its layer axis
+  # still a batch axis behind the group axis.
+  opt = nnx.Optimizer(model, _make('hfac'), wrt=nnx.Param)
+  stacked = opt.opt_state[0].inner_states['method'].inner_state
+  shapes = {x.shape for x in jax.tree.leaves(stacked.inner.row)}
+  assert (1, LAYERS, DIM) in shapes
   # state_partition_specs works on the nnx state too (a tree of Variables).
   params = nnx.state(model, nnx.Param)
   specs = jax.tree.map(lambda x: jax.sharding.PartitionSpec(

@@ -104,7 +104,9 @@ def _find(specs, state, predicate):
 
 
 def test_factored_specs_drop_the_other_axes():
-  tx = optax_fac.hfac(1e-3, views=STACK_VIEWS)
+  # Per-leaf state (stack_leaves=False); tests/test_stacking.py covers the
+  # stacked layout.
+  tx = optax_fac.hfac(1e-3, views=STACK_VIEWS, stack_leaves=False)
   specs = optax_fac.state_partition_specs(tx, ABSTRACT, SPECS,
                                           views=STACK_VIEWS)
   state = jax.eval_shape(tx.init, ABSTRACT)
@@ -163,10 +165,16 @@ def test_params_with_shardings_need_no_specs():
   params = {'w': jax.ShapeDtypeStruct(
       (16, 8), jnp.float32,
       sharding=NamedSharding(MESH_4x2, P('data', 'model')))}
-  tx = optax_fac.adafactor_momentum(1e-3)
+  tx = optax_fac.adafactor_momentum(1e-3, stack_leaves=False)
   shardings = optax_fac.state_shardings(tx, params)
   got = {s.spec for s in jax.tree.leaves(shardings)}
   assert got == {P(), P('data'), P('model'), P('data', 'model')}
+  # Stacked: the same specs behind the (replicated) group axis.
+  tx = optax_fac.adafactor_momentum(1e-3)
+  shardings = optax_fac.state_shardings(tx, params)
+  got = {s.spec for s in jax.tree.leaves(shardings)}
+  assert got == {P(), P(None, 'data'), P(None, 'model'),
+                 P(None, 'data', 'model')}
 
 
 def test_optax_adafactor_and_wrappers():
@@ -206,13 +214,17 @@ def test_unregistered_state_is_replicated_visibly():
 def test_unknown_view_raises_instead_of_guessing():
   params = {'s': jax.ShapeDtypeStruct((2, 8, 8), jnp.float32)}
   views = {'s': optax_fac.MatrixView(rows=(1,), cols=(2,), batch=(0,))}
-  tx = optax_fac.hfac(1e-3, views=views)
+  # A stacked state records its views, so it needs no views= (below).
+  tx = optax_fac.hfac(1e-3, views=views, stack_leaves=False)
   with pytest.raises(ValueError, match='views='):
     optax_fac.state_partition_specs(tx, params, {'s': P(None, 'a', 'b')})
   specs = optax_fac.state_partition_specs(tx, params,
                                           {'s': P(None, 'a', 'b')},
                                           views=views)
   assert P(None, 'b') in jax.tree.leaves(specs, is_leaf=_is_spec)
+  stacked = optax_fac.state_partition_specs(
+      optax_fac.hfac(1e-3, views=views), params, {'s': P(None, 'a', 'b')})
+  assert P(None, None, 'b') in jax.tree.leaves(stacked, is_leaf=_is_spec)
 
 
 # --------------------------------------------------------------------------
