@@ -326,8 +326,9 @@ def scale_by_smmf(
     views: optional per-leaf :class:`optax_fac.MatrixView`; [decided] only its
       ``batch`` axes are used: each batch element (e.g. one layer of a
       stacked (L, in, out) leaf) is square-matricized separately, so a
-      stacked leaf behaves as L separate leaves. Row/column axes are ignored
-      (SMMF has its own view).
+      stacked leaf behaves as L separate leaves (this is what
+      :func:`optax_fac.stack_leaves` relies on: its stacking axis is a batch
+      axis). Row/column axes are ignored (SMMF has its own view).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -463,6 +464,7 @@ def smmf(
     *,
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
+    stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SMMF (ALGORITHMS.md §4): square-matricized factored Adam moments.
 
@@ -474,7 +476,8 @@ def smmf(
 
   [decided] SMMF factorizes every leaf, so by default (``mask=None``) this is
   just ``chain(scale_by_smmf, add_decayed_weights, scale_by_learning_rate)``
-  with no fallback and no partition. A ``mask`` (bool tree or callable)
+  with no fallback and no partition (``scale_by_smmf`` run on same-shape
+  leaves stacked, see ``stack_leaves``). A ``mask`` (bool tree or callable)
   selects the leaves that get SMMF, 1-D leaves included; the others go to
   ``fallback`` (default Adam with β1 = ``b1`` (0.9 if None), β2 = 0.999,
   ε = ``eps``, float32 moments) through
@@ -498,6 +501,12 @@ def smmf(
     views: per-leaf :class:`optax_fac.MatrixView`; only batch axes are used
       (see :func:`scale_by_smmf`).
     fallback: transform for leaves outside ``mask``.
+    stack_leaves: run ``scale_by_smmf`` on same-shape leaves stacked into one
+      array per group (:func:`optax_fac.stack_leaves`): each member is still
+      square-matricized on its own (the stacking axis is a batch axis), so the
+      updates and the state's total size are unchanged, but the state is
+      stacked per group and a step launches a few kernels per group instead
+      of per leaf. False keeps one :class:`SMMFState` entry per leaf.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -515,9 +524,13 @@ def smmf(
   """
   _common.check_nonnegative('learning_rate', learning_rate)
   _common.check_nonnegative('weight_decay', weight_decay)
+
+  def make(v):
+    return scale_by_smmf(b1, eps, growth_rate, decay_rate, vector_reshape,
+                         sign_bits, views=v)
+
   if mask is None:
-    method = scale_by_smmf(b1, eps, growth_rate, decay_rate, vector_reshape,
-                           sign_bits, views=views)
+    method = alias.matrix_method(make, views, stack_leaves)
     return alias.checked(optax.chain(
         method,
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
@@ -527,8 +540,7 @@ def smmf(
   def every_leaf_views(params):
     return matrix.resolve_views(params, views, vectors=True)
 
-  method = scale_by_smmf(b1, eps, growth_rate, decay_rate, vector_reshape,
-                         sign_bits, views=every_leaf_views)
+  method = alias.matrix_method(make, every_leaf_views, stack_leaves)
   if fallback is None:
     fallback = alias.adam_fallback(0.9 if b1 is None else b1, 0.999, eps)
   return alias.named_optimizer(

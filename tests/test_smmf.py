@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -222,7 +223,9 @@ def test_batch_axes_act_like_separate_leaves():
   stacked = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)
   grads = jnp.asarray(rng.normal(size=(4, 3, 4, 5)), jnp.float32)
   view = matrix.MatrixView(rows=(1,), cols=(2,), batch=(0,))
-  tx_stacked = optax_fac.smmf(1e-2, views={'w': view})
+  # Per-leaf state (stack_leaves=False); test_stacked_matches_unstacked
+  # covers the stacked layout.
+  tx_stacked = optax_fac.smmf(1e-2, views={'w': view}, stack_leaves=False)
   tx_split = optax_fac.smmf(1e-2)
 
   @jax.jit
@@ -240,12 +243,18 @@ def test_batch_axes_act_like_separate_leaves():
   np.testing.assert_allclose(p1['w'], jnp.stack(p2), rtol=1e-6, atol=1e-7)
   assert s1[0].m_row['w'].shape == (3, 5)     # (4*5) -> (5, 4) per layer
   assert s1[0].m_sign['w'].shape == (3, 3)    # ceil(20 / 8) bytes per layer
+  # Stacked (the default): a group of one, its layer axis a batch axis
+  # behind the group axis.
+  state = jax.eval_shape(optax_fac.smmf(1e-2, views={'w': view}).init,
+                         {'w': stacked})
+  assert jax.tree.leaves(state[0].inner.m_row)[0].shape == (1, 3, 5)
+  assert jax.tree.leaves(state[0].inner.m_sign)[0].shape == (1, 3, 3)
 
 
 def test_mask_sends_other_leaves_to_adam():
   params = {'w': jnp.ones((4, 6)), 'b': jnp.ones((6,)), 'e': jnp.ones((5, 3))}
   mask = {'w': True, 'b': True, 'e': False}
-  tx = optax_fac.smmf(1e-2, mask=mask)
+  tx = optax_fac.smmf(1e-2, mask=mask, stack_leaves=False)
   state = tx.init(params)
   inner = state[0].inner_states
   smmf_state = inner['method'].inner_state
@@ -370,12 +379,15 @@ def test_explicit_mesh_matches_single_device():
             shapes.items()} for _ in range(3)]
   tx = optax_fac.smmf(1e-2, views=views)
 
+  def types_of(s):  # (StackedState compares by identity: compare leaves)
+    return jax.tree.structure(s), [jax.typeof(x) for x in jax.tree.leaves(s)]
+
   def run(p, gs):
     s = tx.init(p)
-    types = jax.tree.map(jax.typeof, s)
+    types = types_of(s)
     for g in gs:
       u, s = jax.jit(tx.update)(g, s, p)
-      assert jax.tree.map(jax.typeof, s) == types
+      assert types_of(s) == types
       p = optax.apply_updates(p, u)
     return p
 
@@ -387,5 +399,138 @@ def test_explicit_mesh_matches_single_device():
     got = run(put(params), [put(g) for g in grads])
     for k in shapes:
       assert jax.typeof(got[k]).sharding.spec == specs[k]
+  for k in shapes:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# Stacked (stack_leaves=True, the default) vs per-leaf state.
+
+# Repeated shapes: 3 matrices, 2 convs, 2 biases, a prime-length vector, a
+# (1,) leaf and a scalar; groups of 3, 2, 2, 1, 1, 1.
+STACK_SHAPES = {
+    'w0': (6, 4), 'w1': (6, 4), 'w2': (6, 4),
+    'c0': (2, 2, 3, 4), 'c1': (2, 2, 3, 4),
+    'b0': (5,), 'b1': (5,), 'p': (7,), 'one': (1,), 's': (),
+}
+STACK_CONFIGS = {
+    'packed': dict(),
+    'bool_wd': dict(sign_bits=8, weight_decay=0.1),
+    'packed_wd': dict(weight_decay=0.1),
+    'no_momentum_dense_vectors': dict(b1=None, vector_reshape=False,
+                                      weight_decay=0.05),
+    'masked': dict(mask=lambda p: {k: k not in ('w2', 'b1') for k in p}),
+}
+
+
+def _stack_problem(steps=5, seed=7):
+  rng = np.random.default_rng(seed)
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32)
+            for k, s in STACK_SHAPES.items()}
+  grads = {k: jnp.asarray(rng.normal(size=(steps,) + s)
+                          * rng.uniform(0.1, 3.0, size=(steps,) + (1,) * len(s)),
+                          jnp.float32)
+           for k, s in STACK_SHAPES.items()}
+  grads['w1'] = grads['w1'].at[0].set(0.0)  # an all-zero member at t = 1
+  grads['c0'] = grads['c0'].at[0, 0].set(0.0)  # exact zeros: negative signs
+  return params, grads
+
+
+@pytest.mark.parametrize('name', list(STACK_CONFIGS))
+def test_stacked_matches_unstacked(name):
+  kwargs = STACK_CONFIGS[name]
+  tx_stack = optax_fac.smmf(LR, **kwargs)
+  tx_leaf = optax_fac.smmf(LR, stack_leaves=False, **kwargs)
+  params, grads = _stack_problem()
+
+  def traj(tx, p, gs):
+    def body(carry, g):
+      p, s = carry
+      u, s = tx.update(g, s, p)
+      return (optax.apply_updates(p, u), s), u
+    return jax.lax.scan(body, (p, tx.init(p)), gs)
+
+  @jax.jit
+  def both(p, gs):
+    return traj(tx_stack, p, gs), traj(tx_leaf, p, gs)
+
+  ((p1, s1), u1), ((p2, _), u2) = both(params, grads)
+  for k in STACK_SHAPES:
+    np.testing.assert_allclose(u1[k], u2[k], rtol=2e-6, atol=1e-7,
+                               err_msg=f'{name}: {k}')
+    np.testing.assert_allclose(p1[k], p2[k], rtol=2e-6, atol=1e-7)
+    assert u1[k].dtype == jnp.float32 and u1[k].shape[1:] == STACK_SHAPES[k]
+  # The state is stacked: one (3, n1) row factor for the three (6, 4) leaves.
+  stacked = jax.tree.leaves(
+      s1, is_leaf=lambda x: isinstance(x, optax_fac.StackedState))
+  stacked = [x for x in stacked if isinstance(x, optax_fac.StackedState)]
+  assert len(stacked) == 1
+  v_rows = {x.shape for x in jax.tree.leaves(stacked[0].inner.v_row)}
+  n_w = 2 if 'mask' in kwargs else 3                 # w2 masked out
+  assert (n_w, 6) in v_rows                          # 24 -> (6, 4)
+  # Same total state size, element for element.
+  assert (optax_fac.state_size(tx_stack, params)
+          == optax_fac.state_size(tx_leaf, params))
+
+
+def test_stacked_state_partition_specs():
+  abstract = {k: jax.ShapeDtypeStruct(s, jnp.float32)
+              for k, s in STACK_SHAPES.items()}
+  specs = {k: jax.P() for k in STACK_SHAPES}
+  specs.update(w0=jax.P('data', 'model'), w1=jax.P('data', 'model'),
+               w2=jax.P(None, 'model'), c0=jax.P(None, None, 'data', 'model'),
+               b0=jax.P('model'))
+  mesh = jax.sharding.AbstractMesh((4, 2), ('data', 'model'))
+  for kwargs in (dict(), dict(b1=None, vector_reshape=False, sign_bits=8)):
+    tx = optax_fac.smmf(1e-3, **kwargs)
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')  # every leaf is covered by a rule
+      got = optax_fac.state_partition_specs(tx, abstract, specs)
+    state = jax.eval_shape(tx.init, abstract)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    assert (jax.tree.structure(got, is_leaf=is_spec)
+            == jax.tree.structure(state))
+    spec_leaves = jax.tree.leaves(got, is_leaf=is_spec)
+    state_leaves = jax.tree.leaves(state)
+    assert len(spec_leaves) == len(state_leaves)
+    for spec, leaf in zip(spec_leaves, state_leaves):
+      assert len(spec) == leaf.ndim, (spec, leaf.shape)
+      assert all(e is None for e in spec), spec  # [decided] replicated
+      jax.sharding.NamedSharding(mesh, spec).shard_shape(leaf.shape)
+
+
+def test_stacked_explicit_mesh_matches_single_device():
+  """Same-shape leaves sharded alike are stacked under an explicit mesh."""
+  mesh = jax.make_mesh((2, 4), ('x', 'y'),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  shapes = {'a0': (8, 12), 'a1': (8, 12), 'a2': (8, 12), 'v0': (12,),
+            'v1': (12,), 'p': (7,)}
+  specs = {'a0': jax.P('x', 'y'), 'a1': jax.P('x', 'y'), 'a2': jax.P(None, 'y'),
+           'v0': jax.P('y'), 'v1': jax.P('y'), 'p': jax.P(None)}
+  rng = np.random.default_rng(8)
+  params = {k: rng.normal(size=s).astype(np.float32) for k, s in
+            shapes.items()}
+  grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in
+            shapes.items()} for _ in range(2)]
+  tx = optax_fac.smmf(1e-2, weight_decay=0.1)
+
+  def run(p, gs):
+    s = tx.init(p)
+    for g in gs:
+      u, s = jax.jit(tx.update)(g, s, p)
+      p = optax.apply_updates(p, u)
+    return p, s
+
+  want, _ = run(jax.tree.map(jnp.asarray, params),
+                [jax.tree.map(jnp.asarray, g) for g in grads])
+  with jax.set_mesh(mesh):
+    put = lambda t: {k: jax.device_put(v, jax.sharding.NamedSharding(
+        mesh, specs[k])) for k, v in t.items()}
+    got, state = run(put(params), [put(g) for g in grads])
+    for k in shapes:
+      assert jax.typeof(got[k]).sharding.spec == specs[k]
+  # a0, a1 (same sharding) form one group; a2 (other sharding) another.
+  members = state[0].groups.members
+  assert sorted(len(m) for m in members) == [1, 1, 2, 2]
   for k in shapes:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
