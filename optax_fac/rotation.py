@@ -654,12 +654,15 @@ sharding.register_state_rule(SvdRotationState, {
 # Named optimizers (ALGORITHMS.md §3).
 
 
-def _rotated_named(inner, *, sides, every, max_dim, basis, carry, precision,
-                   views, learning_rate, weight_decay, weight_decay_mask, mask,
-                   fallback):
-  method = alias.scale_in_float32(svd_rotation(
-      inner, sides=sides, every=every, max_dim=max_dim, basis=basis,
-      carry=carry, precision=precision, views=views))
+def _rotated_named(make_inner, *, sides, every, max_dim, basis, carry,
+                   precision, views, learning_rate, weight_decay,
+                   weight_decay_mask, mask, fallback, stack_leaves=True):
+  """``make_inner(views)`` rotated on the matrices, named-optimizer chain."""
+  method = alias.matrix_method(
+      lambda v: alias.scale_in_float32(svd_rotation(
+          make_inner(v), sides=sides, every=every, max_dim=max_dim, basis=basis,
+          carry=carry, precision=precision, views=v)),
+      views, stack_leaves)
   return alias.named_optimizer(
       method, learning_rate=learning_rate, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, mask=mask, views=views,
@@ -678,6 +681,7 @@ _COMMON_ARGS_DOC = """    weight_decay: λ of the decoupled decay W ← W − η
       :func:`svd_rotation`).
     views: per-leaf :class:`optax_fac.MatrixView` override.
     precision: precision of the rotation matmuls (see :func:`svd_rotation`).
+    stack_leaves: run on same-shape leaves stacked (:mod:`optax_fac.stacking`).
 """
 
 
@@ -702,6 +706,7 @@ def adadiag(
     carry: str = 'keep',
     views: matrix.ViewSpec = None,
     precision: Any = None,
+    stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaDiag: Adam in the one-sided singular basis (ALGORITHMS.md §3).
 
@@ -731,9 +736,10 @@ def adadiag(
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
   return _rotated_named(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='one', every=every,
+      lambda _: optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='one', every=every,
       max_dim=max_dim, basis=basis, carry=carry, precision=precision,
-      views=views, learning_rate=learning_rate, weight_decay=weight_decay,
+      views=views, stack_leaves=stack_leaves, learning_rate=learning_rate,
+      weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, mask=mask,
       fallback=alias.adam_fallback(b1, b2, eps))
 
@@ -754,6 +760,7 @@ def adadiag_pp(
     carry: str = 'keep',
     views: matrix.ViewSpec = None,
     precision: Any = None,
+    stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaDiag++: Adam in the two-sided singular basis (ALGORITHMS.md §3).
 
@@ -774,21 +781,22 @@ def adadiag_pp(
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
   return _rotated_named(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='two', every=every,
+      lambda _: optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='two', every=every,
       max_dim=max_dim, basis=basis, carry=carry, precision=precision,
-      views=views, learning_rate=learning_rate, weight_decay=weight_decay,
+      views=views, stack_leaves=stack_leaves, learning_rate=learning_rate,
+      weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, mask=mask,
       fallback=alias.adam_fallback(b1, b2, eps))
 
 
 def _adafac_diag(sides, learning_rate, b1, b2, eps, clip_threshold,
                  weight_decay, weight_decay_mask, mask, every, max_dim, basis,
-                 carry, views, precision, fallback_eps):
-  inner = factored.scale_by_factored_rms(b1, b2, eps, clip_threshold,
-                                         views=views)
+                 carry, views, precision, fallback_eps, stack_leaves):
+  def inner(v):
+    return factored.scale_by_factored_rms(b1, b2, eps, clip_threshold, views=v)
   return _rotated_named(
       inner, sides=sides, every=every, max_dim=max_dim, basis=basis,
-      carry=carry, precision=precision, views=views,
+      carry=carry, precision=precision, views=views, stack_leaves=stack_leaves,
       learning_rate=learning_rate, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, mask=mask,
       fallback=alias.adam_fallback(0.9 if b1 is None else b1, b2,
@@ -813,6 +821,7 @@ def adafac_diag(
     views: matrix.ViewSpec = None,
     precision: Any = None,
     fallback_eps: float = 1e-8,
+    stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdafacDiag: factored second moment in the one-sided basis (§3).
 
@@ -841,7 +850,8 @@ def adafac_diag(
   """
   return _adafac_diag('one', learning_rate, b1, b2, eps, clip_threshold,
                       weight_decay, weight_decay_mask, mask, every, max_dim,
-                      basis, carry, views, precision, fallback_eps)
+                      basis, carry, views, precision, fallback_eps,
+                      stack_leaves)
 
 
 @_with_common_args
@@ -862,6 +872,7 @@ def adafac_diag_pp(
     views: matrix.ViewSpec = None,
     precision: Any = None,
     fallback_eps: float = 1e-8,
+    stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdafacDiag++: factored second moment in the two-sided basis (§3).
 
@@ -886,7 +897,8 @@ def adafac_diag_pp(
   """
   return _adafac_diag('two', learning_rate, b1, b2, eps, clip_threshold,
                       weight_decay, weight_decay_mask, mask, every, max_dim,
-                      basis, carry, views, precision, fallback_eps)
+                      basis, carry, views, precision, fallback_eps,
+                      stack_leaves)
 
 
 @_with_common_args
@@ -906,6 +918,7 @@ def hfac_diag(
     views: matrix.ViewSpec = None,
     precision: Any = None,
     fallback_eps: float = 1e-8,
+    stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HfacDiag: H-Fac in the one-sided singular basis (ALGORITHMS.md §3).
 
@@ -931,10 +944,12 @@ def hfac_diag(
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025;
     Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
   """
-  inner = scale_by_hfac(b1, b2, eps, clip_threshold, views=views)
+  def inner(v):
+    return scale_by_hfac(b1, b2, eps, clip_threshold, views=v)
   return _rotated_named(
       inner, sides='one', every=every, max_dim=max_dim, basis=basis,
       carry='keep', precision=precision, views=views,
+      stack_leaves=stack_leaves,
       learning_rate=learning_rate, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, mask=mask,
       fallback=alias.adam_fallback(b1, b2, fallback_eps))

@@ -79,6 +79,12 @@ class StackedState:
   def tree_unflatten(cls, groups, children):
     return cls(children[0], groups)
 
+  def __eq__(self, other):  # as a NamedTuple state would compare
+    return (isinstance(other, StackedState) and self.groups == other.groups
+            and self.inner == other.inner)
+
+  __hash__ = None
+
   def __repr__(self):
     return f'StackedState(inner={self.inner!r}, groups={self.groups.keys})'
 

@@ -1,9 +1,18 @@
 """Time one optimizer step (update + apply, jitted, donated buffers).
 
-Optimizer steps are memory-bound, so besides the median step time the table
-shows the bytes an ideal implementation must move (each array read/written
-once, counted per optimizer below), the bytes XLA's cost analysis reports for
-the compiled step, and the achieved bandwidth on the ideal bytes.
+Three timings per optimizer, because on a tree of ~100 leaves the host's
+dispatch of one call (hundreds of buffers) is comparable to the GPU work:
+
+* ``sync``: median of single calls, each waited for (dispatch + device);
+* ``pipelined``: many calls dispatched back to back, waited for once, as a
+  training loop runs (per step: the larger of dispatch and device time);
+* ``device``: ``lax.fori_loop`` over steps inside one jitted call (device
+  time per step, no host dispatch).
+
+Optimizer steps are memory-bound, so the table also shows the bytes an ideal
+implementation must move (each array read/written once, counted per optimizer
+below), the bytes XLA's cost analysis reports for the compiled step, the
+achieved bandwidth on the ideal bytes (device timing) and the kernel count.
 
     python scripts/bench_step.py --model=llama130m \
         --optimizers=adamw,hfac,sign_fsgd --out=results/bench_step
@@ -70,7 +79,7 @@ def make_optimizer(spec: str, lr: float):
   return getattr(optax, name)(learning_rate=lr)
 
 
-def bench_one(name, shapes, dtype, iters, warmup, seed=0):
+def bench_one(name, shapes, dtype, iters, warmup, seed=0, loop_steps=20):
   tx = make_optimizer(name, 1e-3)
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(
       x, tuple))
@@ -106,6 +115,27 @@ def bench_one(name, shapes, dtype, iters, warmup, seed=0):
     params, state = compiled(params, state, grads_list[i % len(grads_list)])
     jax.block_until_ready((params, state))
     times.append(time.perf_counter() - t0)
+  pipelined = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    for i in range(iters):
+      params, state = compiled(params, state, grads_list[i % len(grads_list)])
+    jax.block_until_ready((params, state))
+    pipelined.append((time.perf_counter() - t0) / iters)
+
+  def loop(params, state, grads):
+    return jax.lax.fori_loop(0, loop_steps, lambda _, c: step(*c, grads),
+                             (params, state))
+  looped = jax.jit(loop, donate_argnums=(0, 1)).lower(
+      params, state, grads_list[0]).compile()
+  params, state = looped(params, state, grads_list[0])
+  jax.block_until_ready((params, state))
+  device = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    params, state = looped(params, state, grads_list[0])
+    jax.block_until_ready((params, state))
+    device.append((time.perf_counter() - t0) / loop_steps)
   n_params = sum(int(np.prod(s)) for s in leaves)
   state_bytes = optax_fac.state_size(tx, params)
   return {
@@ -113,6 +143,8 @@ def bench_one(name, shapes, dtype, iters, warmup, seed=0):
       'median_ms': 1e3 * statistics.median(times),
       'min_ms': 1e3 * min(times),
       'p90_ms': 1e3 * float(np.percentile(times, 90)),
+      'pipelined_ms': 1e3 * min(pipelined),
+      'device_ms': 1e3 * min(device),
       'n_params': n_params,
       'state_bytes': state_bytes,
       'xla_bytes_accessed': xla_bytes,
@@ -133,6 +165,8 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=2,
                       help='time the whole list this many times (spread)')
   parser.add_argument('--out', default='results/bench_step')
+  parser.add_argument('--tag', default='',
+                      help='suffix of the result file name')
   args = parser.parse_args(argv)
 
   shapes = ({'w': SINGLE[args.model]} if args.model in SINGLE
@@ -146,24 +180,28 @@ def main(argv=None):
       rows.append(row)
       print(f"{rep} {name:<22} {row['median_ms']:8.3f} ms", flush=True)
 
-  base = {r['repeat']: r['median_ms'] for r in rows
-          if r['optimizer'] == 'adamw'}
+  base = {(r['repeat'], k): r[k] for r in rows if r['optimizer'] == 'adamw'
+          for k in ('median_ms', 'pipelined_ms', 'device_ms')}
   print(f'\n{args.model} ({rows[0]["n_params"] / 1e6:.1f} M params, '
         f'{args.dtype}) on {jax.devices()[0].device_kind}')
-  print(f'{"optimizer":<22} {"rep":>3} {"median ms":>10} {"vs adamw":>9} '
-        f'{"state MiB":>10} {"ideal GB":>9} {"XLA GB":>8} {"GB/s ideal":>11} '
-        f'{"kernels":>8}')
+  print('times in ms; x = ratio to adamw of the same repeat and timing')
+  print(f'{"optimizer":<30} {"rep":>3} {"sync":>7} {"x":>5} {"pipel.":>7} '
+        f'{"x":>5} {"device":>7} {"x":>5} {"state MiB":>9} {"ideal GB":>8} '
+        f'{"XLA GB":>7} {"GB/s":>6} {"kernels":>7}')
   for r in rows:
-    ratio = r['median_ms'] / base[r['repeat']] if r['repeat'] in base else \
-        float('nan')
-    r['vs_adamw'] = ratio
-    bw = r['ideal_bytes'] / (r['median_ms'] * 1e-3) / 1e9
-    print(f"{r['optimizer']:<22} {r['repeat']:>3} {r['median_ms']:>10.3f} "
-          f"{ratio:>9.3f} {r['state_bytes'] / 2**20:>10.1f} "
-          f"{r['ideal_bytes'] / 1e9:>9.3f} {r['xla_bytes_accessed'] / 1e9:>8.3f}"
-          f" {bw:>11.0f} {r['kernels']:>8}")
+    line = f"{r['optimizer']:<30} {r['repeat']:>3}"
+    for key, short in (('median_ms', 'vs_adamw'),
+                       ('pipelined_ms', 'pipelined_vs_adamw'),
+                       ('device_ms', 'device_vs_adamw')):
+      b = base.get((r['repeat'], key))
+      r[short] = r[key] / b if b else float('nan')
+      line += f" {r[key]:>7.3f} {r[short]:>5.2f}"
+    bw = r['ideal_bytes'] / (r['device_ms'] * 1e-3) / 1e9
+    print(f"{line} {r['state_bytes'] / 2**20:>9.1f} "
+          f"{r['ideal_bytes'] / 1e9:>8.3f} {r['xla_bytes_accessed'] / 1e9:>7.3f}"
+          f" {bw:>6.0f} {r['kernels']:>7}")
   os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f'bench_step_{args.model}_{args.dtype}.json')
+  path = os.path.join(args.out, f'bench_step_{args.model}_{args.dtype}{args.tag}.json')
   with open(path, 'w') as f:
     json.dump({'model': args.model, 'dtype': args.dtype,
                'device': jax.devices()[0].device_kind,

@@ -426,6 +426,13 @@ def test_state_partition_specs_cover_the_bases():
                                           specs)
   flat = [s for s in jax.tree.leaves(
       out, is_leaf=lambda x: isinstance(x, jax.P))]
+  # P (1, 8, 8) of the stacked group: rows follow the params', behind the
+  # replicated group axis.
+  assert jax.P(None, 'data', None) in flat
+  out = optax_fac.state_partition_specs(
+      optax_fac.adadiag_pp(1e-3, stack_leaves=False), params, specs)
+  flat = [s for s in jax.tree.leaves(
+      out, is_leaf=lambda x: isinstance(x, jax.P))]
   assert jax.P('data', None) in flat   # P (8, 8): rows follow the params'
 
 
