@@ -42,7 +42,9 @@ its "regular" group, the same optimizer with element-wise statistics — AdamW
 ``rmsprop_sn`` and AdaGrad with EMA momentum for ``adagrad_sn``.
 
 Under ``optax.MultiSteps`` the inner update runs on every mini-step, so the
-subspace refresh (an SVD per matrix) runs k times on a refresh step.
+subspace refresh (an SVD per matrix) runs k times on a refresh step; wrap the
+optimizer in :class:`optax_fac.MultiSteps` (same state, inner update only on
+the real step) to refresh once.
 
 References:
   Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum: Faster
