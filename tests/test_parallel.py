@@ -146,7 +146,8 @@ def test_tree_map_params_is_wrong_and_we_are_not():
 def test_rotation_basis_specs():
   if not hasattr(optax_fac, 'adadiag_pp'):
     pytest.skip('rotation not available')
-  tx = optax_fac.adadiag_pp(1e-3, views=STACK_VIEWS)
+  # Per-leaf state (the stacked layout is covered in tests/test_stacking.py).
+  tx = optax_fac.adadiag_pp(1e-3, views=STACK_VIEWS, stack_leaves=False)
   specs = optax_fac.state_partition_specs(tx, ABSTRACT, SPECS,
                                           views=STACK_VIEWS)
   state = jax.eval_shape(tx.init, ABSTRACT)
@@ -261,7 +262,9 @@ def test_refreshed_basis_is_identical_on_every_device():
     _, state, rep, s_sh = dist.run_sharded_2d(txs, params, batch, 1, devices,
                                               views={'a': views})
   assert rep == 0.0
-  method = lambda s: s['a'][0].inner_states['method'].inner_state
+  def method(s):  # the rotation state (inside the stacked state by default)
+    st = s['a'][0].inner_states['method'].inner_state
+    return st.inner if isinstance(st, optax_fac.StackedState) else st
   copies = 0
   for side in ('left', 'right'):
     for k, basis in getattr(method(state), side).items():
