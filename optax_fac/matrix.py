@@ -66,6 +66,13 @@ class MatrixView:
           'once.')
     return view
 
+  def stacked(self) -> 'MatrixView':
+    """This view for the leaf stacked along a new leading (batch) axis."""
+    def shift(axes):
+      return tuple(a + 1 for a in axes)
+    return MatrixView(rows=shift(self.rows), cols=shift(self.cols),
+                      batch=(0,) + shift(self.batch))
+
   def dims(self, shape: Sequence[int]) -> tuple[int, int]:
     """(m, n): the number of rows and columns of one matrix of this view."""
     return (math.prod(shape[a] for a in self.rows),

@@ -93,14 +93,6 @@ def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def stacked_view(view: matrix.MatrixView) -> matrix.MatrixView:
-  """``view`` of one leaf, for the leaf stacked along a new leading axis."""
-  def shift(axes):
-    return tuple(a + 1 for a in axes)
-  return matrix.MatrixView(rows=shift(view.rows), cols=shift(view.cols),
-                           batch=(0,) + shift(view.batch))
-
-
 def group_leaves(tree: Any, views: matrix.ViewSpec = None
                  ) -> tuple[Groups, list]:
   """Groups the leaves of ``tree`` by (shape, dtype, view[, sharding]).
@@ -152,7 +144,7 @@ def unstack(groups: Groups, stacked: dict, fill: list) -> list:
 
 def stacked_views(groups: Groups) -> dict:
   """``{group key: the view of the group's stacked leaf}``."""
-  return {k: stacked_view(v) for k, v in zip(groups.keys, groups.views)}
+  return {k: v.stacked() for k, v in zip(groups.keys, groups.views)}
 
 
 def stack_leaves(
