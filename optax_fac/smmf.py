@@ -35,6 +35,7 @@ import optax
 from optax_fac import _common
 from optax_fac import alias
 from optax_fac import matrix
+from optax_fac import smmf_kernel
 
 _SIGN_BITS = (1, 8)
 
@@ -249,14 +250,88 @@ def _nnmf(*mats):
   the (n1, n2) temporary.
   """
   rows = [jnp.sum(a, axis=-1) for a in mats]
-  cols = jnp.stack([jnp.sum(a, axis=-2) for a in mats])
-  total = jnp.sum(jax.lax.optimization_barrier(cols), axis=-1, keepdims=True)
-  cols = cols / jnp.where(total == 0, 1.0, total)
+  cols = _normalised(jnp.stack([jnp.sum(a, axis=-2) for a in mats]))
   return [(r, cols[i]) for i, r in enumerate(rows)]
+
+
+def _normalised(cols):
+  """Column sums divided by their sum (over the last axis), unless it is 0."""
+  total = jnp.sum(jax.lax.optimization_barrier(cols), axis=-1, keepdims=True)
+  return cols / jnp.where(total == 0, 1.0, total)
 
 
 def _outer(r, c):
   return r[..., :, None] * c[..., None, :]
+
+
+# --------------------------------------------------------------------------
+# The one-pass GPU kernel (optax_fac.smmf_kernel) on a group of leaves.
+
+
+def _as_group(lay: _Layout) -> _Layout:
+  """The layout of a leaf with no batch axes seen as a group of one."""
+  return dataclasses.replace(lay, shape=(1,) + lay.shape, batch=(0,),
+                             batch_shape=(1,))
+
+
+def _kernel_fits(lay: _Layout, momentum: bool, sign_bits: int) -> bool:
+  """Whether members of a stacked group (batch axis 0 only) can use the kernel.
+
+  [decided] The kernel needs whole sign bytes per row (n2 % 8 == 0), packed
+  signs (or no first moment), a tiling (:func:`smmf_kernel.tiling`) and no
+  explicit-sharding mesh (the array path handles those reshapes).
+  """
+  return (lay.batch == (0,) and not lay.dense and lay.n2 % 8 == 0
+          and (sign_bits == 1 or not momentum)
+          and smmf_kernel.tiling(lay.n1, lay.n2) is not None
+          and _explicit_mesh() is None)
+
+
+def _on_nvidia_gpu(kernel, arrays, *args):
+  """``kernel(*args)`` where the step is lowered for CUDA, else ``arrays``.
+
+  Decided at lowering (``jax.lax.platform_dependent``): the kernel branch is
+  never lowered for other backends.
+  """
+  return jax.lax.platform_dependent(*args, cuda=kernel, default=arrays)
+
+
+def _kernel_group_step(members, lay: _Layout, fields, beta1, beta2, eps):
+  """One kernel call per group (of up to MAX_MEMBERS); state stays stacked.
+
+  Args:
+    members: the B gradient leaves of the group (shape ``lay.shape[1:]``).
+    lay: the group's layout (batch axis 0 of size B).
+    fields: stacked (m_row, m_col, m_sign, v_row, v_col); the m fields are
+      None without a first moment.
+    beta1, beta2, eps: this step's β1,t (None: no first moment), β2,t, ε.
+
+  Returns:
+    (the members' updates D, new fields), as the array path's.
+  """
+  m_row, m_col, m_sign, v_row, v_col = fields
+  momentum = beta1 is not None
+  n1, n2 = lay.n1, lay.n2
+  scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in
+                       (beta1 if momentum else 0.0, beta2, eps, 0.0)])
+  signs = m_sign.reshape(m_sign.shape[:1] + (n1, n2 // 8)) if momentum else None
+  updates, partials = [], []
+  for first in range(0, len(members), smmf_kernel.MAX_MEMBERS):
+    chunk = members[first:first + smmf_kernel.MAX_MEMBERS]
+    ds, *out = smmf_kernel.smmf_group_step(
+        [g.reshape(n1, n2) for g in chunk], scalars, v_row, v_col, signs,
+        m_row, m_col, first=first)
+    updates += [d.reshape(g.shape) for d, g in zip(ds, chunk)]
+    if momentum:
+      signs = out[2]
+    partials.append(out[:2] + out[3:])
+  # (v rows, v cols[, m rows, m cols]) of the members, summed over tiles.
+  sums = [jnp.sum(jnp.concatenate([p[k] for p in partials]), axis=1)
+          for k in range(len(partials[0]))]
+  if not momentum:
+    return updates, (None, None, None, sums[0], _normalised(sums[1]))
+  m_col, v_col = _normalised(jnp.stack([sums[3], sums[1]]))
+  return updates, (sums[2], m_col, signs.reshape(m_sign.shape), sums[0], v_col)
 
 
 # --------------------------------------------------------------------------
@@ -269,11 +344,13 @@ def _check_decay_rate(decay_rate):
     raise ValueError(f'decay_rate must be in [-1, 0], got {decay_rate!r}.')
 
 
-def _check_static(vector_reshape, sign_bits):
-  if not isinstance(vector_reshape, (bool, np.bool_)):
-    raise ValueError(
-        f'vector_reshape must be a bool, got {vector_reshape!r} (make it a '
-        'static arg of optax.inject_hyperparams).')
+def _check_static(vector_reshape, sign_bits, fused_kernel):
+  for name, value in (('vector_reshape', vector_reshape),
+                      ('fused_kernel', fused_kernel)):
+    if not isinstance(value, (bool, np.bool_)):
+      raise ValueError(
+          f'{name} must be a bool, got {value!r} (make it a static arg of '
+          'optax.inject_hyperparams).')
   if sign_bits not in _SIGN_BITS or isinstance(sign_bits, bool):
     raise ValueError(
         f'sign_bits must be 1 (packed) or 8 (bool), got {sign_bits!r} (make '
@@ -289,6 +366,7 @@ def scale_by_smmf(
     sign_bits: int = 1,
     *,
     views: matrix.ViewSpec = None,
+    fused_kernel: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SMMF direction (ALGORITHMS.md §4), faithful to the official code.
 
@@ -329,6 +407,12 @@ def scale_by_smmf(
       stacked leaf behaves as L separate leaves (this is what
       :func:`optax_fac.stack_leaves` relies on: its stacking axis is a batch
       axis). Row/column axes are ignored (SMMF has its own view).
+    fused_kernel: on NVIDIA GPUs, run the step of each leaf whose square
+      view the kernel can tile (sides with power-of-two factors, n2 a
+      multiple of 8; not under an explicit-sharding mesh) as one pass of
+      :func:`optax_fac.smmf_kernel.smmf_group_step`. Same equations; sums are
+      added in another order (float32 rounding). Other backends and leaves
+      always run the array code.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -340,7 +424,7 @@ def scale_by_smmf(
   _common.check_nonnegative('eps', eps)
   _common.check_unit_interval('growth_rate', growth_rate, closed=True)
   _check_decay_rate(decay_rate)
-  _check_static(vector_reshape, sign_bits)
+  _check_static(vector_reshape, sign_bits, fused_kernel)
   momentum = b1 is not None
 
   def layouts(tree):
@@ -406,47 +490,115 @@ def scale_by_smmf(
       fields[0] = fields[1] = fields[2] = None
     return SMMFState(_common.zero_count(), *fields)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
-    lays = layouts(updates)
-    treedef = jax.tree.structure(updates)
+  def schedules(count):
+    """β1,t (None without a first moment) and β2,t of step ``count``."""
+    t = count.astype(jnp.float32)
+    beta1 = (jnp.asarray(b1, jnp.float32)
+             * jnp.asarray(growth_rate, jnp.float32) ** (t - 1.0)
+             if momentum else None)
+    beta2 = 1.0 - t ** jnp.asarray(decay_rate, jnp.float32)
+    return beta1, beta2
+
+  def group_step(members, lay, fields, beta1, beta2):
+    """Step of same-layout leaves whose state is stacked on batch axis 0.
+
+    On an NVIDIA GPU, where the layout fits, one fused kernel per member
+    (:mod:`optax_fac.smmf_kernel`); elsewhere the array code on the stacked
+    gradients. Returns (the members' updates, the new stacked fields).
+    """
+    def arrays(members, fields):
+      d, *new = leaf_step(jnp.stack(members), lay, *fields, beta1, beta2)
+      return [d[i] for i in range(len(members))], tuple(new)
+
+    if not (fused_kernel and _kernel_fits(lay, momentum, sign_bits)):
+      return arrays(members, fields)
+
+    def kernel(members, fields):
+      return _kernel_group_step(members, lay, fields, beta1, beta2, eps)
+
+    return _on_nvidia_gpu(kernel, arrays, members, fields)
+
+  def check_tree(treedef, state):
     ref = jax.tree.structure(state.v_row)
     if treedef != ref:
       raise ValueError(
           'scale_by_smmf: the updates tree does not match the tree the '
           f'optimizer was initialised with.\n  init:   {ref}\n  update: '
           f'{treedef}')
-    v_rows = treedef.flatten_up_to(state.v_row)
-    for (path, _), lay, v_row in zip(
-        jax.tree_util.tree_flatten_with_path(updates)[0], lays, v_rows):
+
+  def check_shapes(paths, lays, v_rows):
+    for path, lay, v_row in zip(paths, lays, v_rows):
       want = lay.batch_shape + ((lay.n,) if lay.dense else (lay.n1,))
       if tuple(v_row.shape) != want:
         raise ValueError(
-            f'scale_by_smmf: update {matrix.leaf_path_str(path)} has shape '
-            f'{lay.shape}, which does not match the state built at init.')
-    count = _common.increment(state.count)
-    t = count.astype(jnp.float32)
-    beta1 = (jnp.asarray(b1, jnp.float32)
-             * jnp.asarray(growth_rate, jnp.float32) ** (t - 1.0)
-             if momentum else None)
-    beta2 = 1.0 - t ** jnp.asarray(decay_rate, jnp.float32)
+            f'scale_by_smmf: update {path} has shape {lay.shape}, which does '
+            'not match the state built at init.')
 
-    def flat(field):
-      if field is None:
-        return [None] * treedef.num_leaves
-      return treedef.flatten_up_to(field)
+  def flat_fields(treedef, state):
+    """Per leaf: (m_row, m_col, m_sign, v_row, v_col), None where absent."""
+    fields = [None if f is None else treedef.flatten_up_to(f)
+              for f in state[1:]]
+    return [tuple(None if f is None else f[i] for f in fields)
+            for i in range(treedef.num_leaves)]
 
-    outs = [leaf_step(g, lay, *leaf_state, beta1, beta2)
-            for g, lay, *leaf_state in zip(
-                treedef.flatten_up_to(updates), lays, flat(state.m_row),
-                flat(state.m_col), flat(state.m_sign), v_rows,
-                flat(state.v_col))]
-    trees = [jax.tree.unflatten(treedef, [o[i] for o in outs])
-             for i in range(6)]
+  def new_state(treedef, count, new_fields):
+    trees = [jax.tree.unflatten(treedef, [f[i] for f in new_fields])
+             for i in range(5)]
     if not momentum:
-      trees[1] = trees[2] = trees[3] = None
-    return trees[0], SMMFState(count, *trees[1:])
+      trees[0] = trees[1] = trees[2] = None
+    return SMMFState(count, *trees)
 
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    lays = layouts(updates)
+    treedef = jax.tree.structure(updates)
+    check_tree(treedef, state)
+    check_shapes([matrix.leaf_path_str(p) for p, _ in
+                  jax.tree_util.tree_flatten_with_path(updates)[0]], lays,
+                 treedef.flatten_up_to(state.v_row))
+    count = _common.increment(state.count)
+    beta1, beta2 = schedules(count)
+    outs, new_fields = [], []
+    for g, lay, fields in zip(treedef.flatten_up_to(updates), lays,
+                              flat_fields(treedef, state)):
+      if lay.batch or lay.dense:
+        d, *new = leaf_step(g, lay, *fields, beta1, beta2)
+      else:  # a group of one, so that the kernel can take it
+        ds, new = group_step(
+            [g], _as_group(lay),
+            tuple(None if f is None else f[None] for f in fields),
+            beta1, beta2)
+        d, new = ds[0], [None if f is None else f[0] for f in new]
+      outs.append(d)
+      new_fields.append(tuple(new))
+    return (jax.tree.unflatten(treedef, outs),
+            new_state(treedef, count, new_fields))
+
+  def update_members(members, state):
+    """The update of :func:`optax_fac.stack_leaves` without stacking.
+
+    ``members``: ``{group key: [the group's gradient leaves]}``; ``state``:
+    this transform's state on the stacked tree ``{group key: stacked
+    leaf}``. Returns (``{group key: [updates]}``, new state). The stacking
+    wrapper calls this instead of stacking the gradients, so the kernel reads
+    every leaf where it lies (stacking them first would add a copy of G).
+    """
+    keys = sorted(members)
+    shapes = {k: jax.ShapeDtypeStruct((len(members[k]),) + members[k][0].shape,
+                                      members[k][0].dtype) for k in keys}
+    treedef = jax.tree.structure(shapes)
+    check_tree(treedef, state)
+    lays = layouts(shapes)
+    check_shapes(keys, lays, treedef.flatten_up_to(state.v_row))
+    count = _common.increment(state.count)
+    beta1, beta2 = schedules(count)
+    outs, new_fields = {}, []
+    for k, lay, fields in zip(keys, lays, flat_fields(treedef, state)):
+      outs[k], new = group_step(members[k], lay, fields, beta1, beta2)
+      new_fields.append(new)
+    return outs, new_state(treedef, count, new_fields)
+
+  update_fn.update_members = update_members
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -465,6 +617,7 @@ def smmf(
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
     stack_leaves: bool = True,
+    fused_kernel: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SMMF (ALGORITHMS.md §4): square-matricized factored Adam moments.
 
@@ -507,6 +660,9 @@ def smmf(
       updates and the state's total size are unchanged, but the state is
       stacked per group and a step launches a few kernels per group instead
       of per leaf. False keeps one :class:`SMMFState` entry per leaf.
+    fused_kernel: on NVIDIA GPUs, one Pallas kernel pass per leaf where the
+      square view can be tiled (see :func:`scale_by_smmf`); the gradients
+      are then read in place, not stacked.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -527,7 +683,7 @@ def smmf(
 
   def make(v):
     return scale_by_smmf(b1, eps, growth_rate, decay_rate, vector_reshape,
-                         sign_bits, views=v)
+                         sign_bits, views=v, fused_kernel=fused_kernel)
 
   if mask is None:
     method = alias.matrix_method(make, views, stack_leaves)

@@ -134,7 +134,10 @@ def stack(groups: Groups, leaves: list) -> dict:
 
 
 def unstack(groups: Groups, stacked: dict, fill: list) -> list:
-  """Flat leaves from a stacked dict; positions of no group keep ``fill``."""
+  """Flat leaves from a stacked dict; positions of no group keep ``fill``.
+
+  ``stacked[key]`` is a stacked array or the list of the members' leaves.
+  """
   out = list(fill)
   for k, idx in zip(groups.keys, groups.members):
     for j, i in enumerate(idx):
@@ -160,7 +163,12 @@ def stack_leaves(
       :class:`~optax_fac.MatrixView`), e.g.
       ``lambda v: optax_fac.scale_by_hfac(views=v)``. The transform must
       treat batch axes of a view independently (every transform of this
-      library does) and accept ``optax.MaskedNode``-free trees.
+      library does) and accept ``optax.MaskedNode``-free trees. If its
+      ``update`` function has an ``update_members(members, state)``
+      attribute, that is called instead, with ``{group key: [the group's
+      leaves]}`` unstacked, and returns ``({group key: [updates]}, state)``
+      (SMMF's GPU kernel reads each leaf in place this way; a parameter-free
+      transform only).
     views: the per-leaf views of the unstacked parameters (as for the
       wrapped transform); each group's stacked view adds the new leading
       batch axis.
@@ -198,12 +206,19 @@ def stack_leaves(
           f'init (groups {groups.keys} vs {state.groups.keys}); the update '
           'tree must have the same leaves, shapes and dtypes as the params.')
     inner = inner_for(groups)
-    stacked_params = None
-    if params is not None:
-      p_leaves = jax.tree.leaves(params, is_leaf=_is_masked)
-      stacked_params = stack(groups, p_leaves)
-    out, inner_state = inner.update(stack(groups, leaves), state.inner,
-                                    stacked_params, **extra_args)
+    update_members = getattr(inner.update, 'update_members', None)
+    if update_members is not None:
+      # The transform takes each group's leaves as a list (see below).
+      out, inner_state = update_members(
+          {k: [leaves[i] for i in idx]
+           for k, idx in zip(groups.keys, groups.members)}, state.inner)
+    else:
+      stacked_params = None
+      if params is not None:
+        p_leaves = jax.tree.leaves(params, is_leaf=_is_masked)
+        stacked_params = stack(groups, p_leaves)
+      out, inner_state = inner.update(stack(groups, leaves), state.inner,
+                                      stacked_params, **extra_args)
     flat = unstack(groups, out, leaves)
     treedef = jax.tree.structure(updates, is_leaf=_is_masked)
     return jax.tree.unflatten(treedef, flat), StackedState(inner_state, groups)

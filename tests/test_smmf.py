@@ -534,3 +534,185 @@ def test_stacked_explicit_mesh_matches_single_device():
   assert sorted(len(m) for m in members) == [1, 1, 2, 2]
   for k in shapes:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# The one-pass GPU kernel (optax_fac.smmf_kernel), run by Pallas' interpreter.
+
+smmf_kernel = importlib.import_module('optax_fac.smmf_kernel')
+
+# Square views (128, 64), (144, 128) and (256, 128) are tiled; (64,) -> (8, 8)
+# is not and takes the array path in the same step. Two leaves share a shape,
+# so a stacked group has two members (the second updates signs in place).
+KERNEL_SHAPES = ((128, 64), (3, 3, 64, 32), (64,), (128, 64), (256, 128))
+
+
+@pytest.fixture
+def kernel_everywhere(monkeypatch):
+  """Takes the GPU branch on any backend, with the kernel interpreted.
+
+  Returns the list of (n1, n2) member views the kernel was traced for.
+  """
+  traced = []
+  step = smmf_kernel.smmf_group_step
+
+  def interpreted(gs, *args, **kwargs):
+    traced.extend(g.shape for g in gs)
+    return step(gs, *args, interpret=True, **kwargs)
+
+  monkeypatch.setattr(smmf_kernel, 'smmf_group_step', interpreted)
+  monkeypatch.setattr(smmf_lib, '_on_nvidia_gpu',
+                      lambda kernel, arrays, *args: kernel(*args))
+  return traced
+
+
+def test_kernel_tiling_rule():
+  assert smmf_kernel.tiling(8192, 8192) == (32, 256)
+  assert smmf_kernel.tiling(768, 768) == (32, 256)
+  assert smmf_kernel.tiling(5120, 4800) == (128, 64)
+  assert smmf_kernel.tiling(128, 64) == (128, 64)
+  assert smmf_kernel.tiling(1024, 688) is None      # rows of 16: too short
+  assert smmf_kernel.tiling(32, 24) is None         # 1-D 768: too small
+  assert smmf_kernel.tiling(16, 64) is None         # tile of 2^11 needed
+  for n1, n2 in ((8192, 8192), (5120, 4800), (1536, 1024)):
+    bm, bn = smmf_kernel.tiling(n1, n2)
+    assert n1 % bm == 0 and n2 % bn == 0 and bn % 8 == 0
+
+
+def test_kernel_group_step_matches_numpy():
+  """Members 1 and 2 of a group of 4: D, the partial sums, the bits."""
+  rng = np.random.default_rng(0)
+  members, n1, n2, first = 4, 256, 128, 1
+  gs = rng.normal(size=(2, n1, n2)).astype(np.float32)
+  gs[0, 0, :5] = 0.0  # exact zeros where M = 0: negative
+  signs = rng.integers(0, 256, size=(members, n1, n2 // 8), dtype=np.uint8)
+  m_row, v_row = rng.random((2, members, n1), dtype=np.float32)
+  m_col, v_col = rng.random((2, members, n2), dtype=np.float32)
+  m_row[1, 0] = 0.0
+  b1, b2, eps = 0.85, 0.3, 1e-3
+  ds, v_rows, v_cols, new_signs, m_rows, m_cols = smmf_kernel.smmf_group_step(
+      [jnp.asarray(g) for g in gs], jnp.array([b1, b2, eps, 0.0], jnp.float32),
+      v_row, v_col, jnp.asarray(signs), m_row, m_col, first=first,
+      interpret=True)
+  bm, bn = smmf_kernel.tiling(n1, n2)  # (64, 128): a 4 x 1 grid of tiles
+  assert v_rows.shape == (2, n2 // bn, n1) and v_cols.shape == (2, n1 // bm, n2)
+  assert v_cols.shape[1] > 1
+  for k, g in enumerate(gs):
+    b = first + k
+    g64 = g.astype(np.float64)
+    positive = np.unpackbits(signs[b].reshape(-1)).reshape(n1, n2) > 0
+    magnitude = np.outer(m_row[b], m_col[b]).astype(np.float64)
+    m = b1 * np.where(positive, magnitude, -magnitude) + (1 - b1) * g64
+    v = b2 * np.outer(v_row[b], v_col[b]) + (1 - b2) * g64 ** 2
+    np.testing.assert_allclose(ds[k], m / (np.sqrt(v) + eps), rtol=2e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.sum(v_rows[k], 0), v.sum(1), rtol=1e-5)
+    np.testing.assert_allclose(np.sum(v_cols[k], 0), v.sum(0), rtol=1e-5)
+    np.testing.assert_allclose(np.sum(m_rows[k], 0), np.abs(m).sum(1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.sum(m_cols[k], 0), np.abs(m).sum(0),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(
+        np.unpackbits(np.asarray(new_signs[b]).reshape(-1)).reshape(n1, n2),
+        m > 0)
+  # The other members' signs are untouched.
+  np.testing.assert_array_equal(np.asarray(new_signs)[[0, 3]], signs[[0, 3]])
+
+
+def test_kernel_calls_split_large_groups(kernel_everywhere, monkeypatch):
+  """A group larger than MAX_MEMBERS takes several calls, same updates."""
+  monkeypatch.setattr(smmf_kernel, 'MAX_MEMBERS', 2)
+  rng = np.random.default_rng(1)
+  params = {f'w{i}': jnp.asarray(rng.normal(size=(128, 64)), jnp.float32)
+            for i in range(5)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(
+      rng.normal(size=p.shape), jnp.float32), params) for _ in range(3)]
+
+  def run(kernel):
+    tx = optax_fac.smmf(1e-2, fused_kernel=kernel)
+    state = tx.init(params)
+    for g in grads:
+      updates, state = jax.jit(tx.update)(g, state, params)
+    return updates
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               run(True), run(False))
+  assert len(kernel_everywhere) == 5
+
+
+KERNEL_CONFIGS = {
+    'packed': dict(),
+    'packed_wd_stacked_off': dict(weight_decay=0.1, stack_leaves=False),
+    'no_momentum': dict(b1=None, decay_rate=-0.8),
+    'other_schedules': dict(b1=0.8, growth_rate=0.99, eps=1e-6),
+}
+
+
+@pytest.mark.parametrize('name', list(KERNEL_CONFIGS))
+def test_kernel_path_matches_float64_transcription(name, kernel_everywhere):
+  kwargs = dict(KERNEL_CONFIGS[name])
+  steps = 12
+  rng = np.random.default_rng(3)
+  params = [rng.normal(size=s).astype(np.float32) for s in KERNEL_SHAPES]
+  grads = [rng.normal(size=(steps,) + s).astype(np.float32)
+           * rng.uniform(0.1, 3.0, size=(steps,) + (1,) * len(s))
+           for s in KERNEL_SHAPES]
+  grads[0][0, 0] = 0.0
+  ref_kwargs = {k: v for k, v in kwargs.items() if k != 'stack_leaves'}
+  ref = Float64SMMF(params, LR, **ref_kwargs)
+  want = [ref.step([g[t] for g in grads]) for t in range(steps)]
+  got = _run_jax(optax_fac.smmf(LR, **kwargs), params, grads)
+  # The kernel ran on every tiled view, once per member of each group.
+  want_views = [(128, 64), (144, 128), (128, 64), (256, 128)]
+  assert sorted(kernel_everywhere) == sorted(want_views), kernel_everywhere
+  for t in range(steps):
+    for leaf, shape in enumerate(KERNEL_SHAPES):
+      np.testing.assert_allclose(
+          got[leaf][t], want[t][leaf], rtol=1e-5, atol=2e-6,
+          err_msg=f'{name}: step {t + 1}, leaf {shape}')
+  moved = np.abs(want[-1][0] - params[0]).mean()
+  assert moved > LR / 2, moved  # far beyond the tolerance
+
+
+def test_kernel_path_state_equals_array_path(kernel_everywhere):
+  """Same state layout and values (up to summation order) as the arrays."""
+  rng = np.random.default_rng(5)
+  params = {f'w{i}': jnp.asarray(rng.normal(size=s), jnp.float32)
+            for i, s in enumerate(KERNEL_SHAPES)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(
+      rng.normal(size=p.shape), jnp.float32), params) for _ in range(3)]
+
+  def run(kernel):
+    tx = optax_fac.smmf(1e-2, fused_kernel=kernel)
+    state = tx.init(params)
+    for g in grads:
+      updates, state = jax.jit(tx.update)(g, state, params)
+    return updates, state
+
+  u_kernel, s_kernel = run(True)
+  u_arrays, s_arrays = run(False)
+  assert kernel_everywhere  # the kernel did run for fused_kernel=True
+  assert (jax.tree.structure(s_kernel) == jax.tree.structure(s_arrays))
+  for a, b in zip(jax.tree.leaves(s_kernel), jax.tree.leaves(s_arrays)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if a.dtype == jnp.uint8:
+      # Signs may differ only where M is within rounding of 0: none here.
+      np.testing.assert_array_equal(a, b)
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               u_kernel, u_arrays)
+
+
+def test_kernel_branch_is_not_lowered_for_cpu():
+  """Without the fixture: the CPU module has no Triton call in it."""
+  params = {'w': jnp.ones((128, 64))}
+  tx = optax_fac.smmf(1e-2)
+  state = tx.init(params)
+  text = jax.jit(tx.update).lower(params, state, params).as_text()
+  assert 'triton' not in text
+  cuda = jax.jit(tx.update).trace(params, state, params).lower(
+      lowering_platforms=('cuda',)).as_text()
+  assert 'triton' in cuda
