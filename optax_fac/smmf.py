@@ -412,7 +412,9 @@ def scale_by_smmf(
       multiple of 8; not under an explicit-sharding mesh) as one pass of
       :func:`optax_fac.smmf_kernel.smmf_group_step`. Same equations; sums are
       added in another order (float32 rounding). Other backends and leaves
-      always run the array code.
+      always run the array code. The kernel is opaque to XLA's automatic
+      partitioner: with gradients sharded under ``jit`` (not just
+      replicated, as in data parallelism) pass False.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.

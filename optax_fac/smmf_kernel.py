@@ -185,8 +185,9 @@ def smmf_group_step(gs, scalars, v_row, v_col, signs=None, m_row=None,
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
-    compiler_params = pl_triton.CompilerParams(num_warps=_NUM_WARPS,
-                                               num_stages=1)
+    params_class = getattr(pl_triton, 'CompilerParams', None) or getattr(
+        pl_triton, 'TritonCompilerParams')  # the name before jax 0.7
+    compiler_params = params_class(num_warps=_NUM_WARPS, num_stages=1)
   call = pl.pallas_call(
       functools.partial(_kernel, members=members, momentum=momentum),
       out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
