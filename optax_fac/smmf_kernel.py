@@ -39,16 +39,18 @@ from jax.experimental import pallas as pl
 
 # [decided] A tile holds at most 2^13 float32 elements (32 KiB of G) spread
 # over 8 warps; rows of at most 256 elements (1 KiB contiguous per row): the
-# fastest of 2^13..2^15 elements, rows of 128..512, 4 or 8 warps on an H100
-# for an 8192 x 8192 view (2.06 TB/s for the kernel alone). A
-# view is tiled only when its sides have power-of-two factors that give a
-# tile of at least 2^11 elements with rows of at least 32 (4 sign bytes):
-# smaller views stay on the array path, where their cost is launches, not
-# bytes.
+# fastest of 2^13..2^15 elements, rows of 128..512, 4 or 8 warps for an
+# 8192 x 8192 view in a one-off sweep on an H100 (its output was not kept;
+# larger tiles with 4 warps were much slower). A view is tiled
+# only when its sides have power-of-two factors that give a tile of at least
+# 2^11 elements with rows of at least 16 (2 sign bytes; LLaMA-60M's 1024 x 688
+# views take (512, 16) tiles, which made its step 1.02x AdamW's instead of
+# 1.29x with those views on the array path); smaller views stay on the array
+# path, where their cost is launches, not bytes.
 _MAX_TILE = 1 << 13
 _MAX_COLS = 256
 _MIN_TILE = 1 << 11
-_MIN_COLS = 32
+_MIN_COLS = 16
 _NUM_WARPS = 8
 
 

@@ -92,11 +92,20 @@ def main(argv=None):
                      sign_bits_differing=sign_frac))
     print(rows[-1])
     params, state = optax.apply_updates(params, ua), sa
+  # The same kernel step inside jax.pmap (one device): as under jit.
+  pmapped = jax.pmap(kernel_tx.update)
+  add_axis = lambda x: jax.tree.map(lambda a: a[None], x)  # noqa: E731
+  up, _ = pmapped(add_axis(grads[0]), add_axis(state), add_axis(params))
+  uj, _ = kernel_step(grads[0], state, params)
+  pmap_equal = all(bool(jnp.array_equal(a[0], b)) for a, b in
+                   zip(jax.tree.leaves(up), jax.tree.leaves(uj)))
+  print('pmap updates equal to jit:', pmap_equal)
   text = jax.jit(kernel_tx.update).lower(
       grads[0], kernel_tx.init(params), params).as_text()
   result = dict(model=args.model, dtype=args.dtype,
                 device=jax.devices()[0].device_kind, jax=jax.__version__,
-                kernel_calls=text.count('smmf_group_step'), rows=rows)
+                kernel_calls=text.count('smmf_group_step'),
+                pmap_updates_equal_jit=pmap_equal, rows=rows)
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out,
                       f'check_smmf_kernel_{args.model}_{args.dtype}.json')

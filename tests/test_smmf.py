@@ -571,7 +571,8 @@ def test_kernel_tiling_rule():
   assert smmf_kernel.tiling(768, 768) == (32, 256)
   assert smmf_kernel.tiling(5120, 4800) == (128, 64)
   assert smmf_kernel.tiling(128, 64) == (128, 64)
-  assert smmf_kernel.tiling(1024, 688) is None      # rows of 16: too short
+  assert smmf_kernel.tiling(1024, 688) == (512, 16)  # LLaMA-60M's FFN
+  assert smmf_kernel.tiling(1024, 344) is None      # rows of 8: too short
   assert smmf_kernel.tiling(32, 24) is None         # 1-D 768: too small
   assert smmf_kernel.tiling(16, 64) is None         # tile of 2^11 needed
   for n1, n2 in ((8192, 8192), (5120, 4800), (1536, 1024)):
