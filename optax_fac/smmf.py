@@ -484,13 +484,8 @@ def scale_by_smmf(
 
   def init_fn(params):
     _common.check_float_params(params, 'scale_by_smmf')
-    treedef = jax.tree.structure(params)
-    outs = [init_leaf(lay) for lay in layouts(params)]
-    fields = [jax.tree.unflatten(treedef, [o[i] for o in outs])
-              for i in range(5)]
-    if not momentum:
-      fields[0] = fields[1] = fields[2] = None
-    return SMMFState(_common.zero_count(), *fields)
+    return new_state(jax.tree.structure(params), _common.zero_count(),
+                     [init_leaf(lay) for lay in layouts(params)])
 
   def schedules(count):
     """β1,t (None without a first moment) and β2,t of step ``count``."""
@@ -504,9 +499,9 @@ def scale_by_smmf(
   def group_step(members, lay, fields, beta1, beta2):
     """Step of same-layout leaves whose state is stacked on batch axis 0.
 
-    On an NVIDIA GPU, where the layout fits, one fused kernel per member
-    (:mod:`optax_fac.smmf_kernel`); elsewhere the array code on the stacked
-    gradients. Returns (the members' updates, the new stacked fields).
+    On an NVIDIA GPU, where the layout fits, one fused kernel call for the
+    group (:mod:`optax_fac.smmf_kernel`); elsewhere the array code on the
+    stacked gradients. Returns (the members' updates, the new stacked fields).
     """
     def arrays(members, fields):
       d, *new = leaf_step(jnp.stack(members), lay, *fields, beta1, beta2)
@@ -544,6 +539,7 @@ def scale_by_smmf(
             for i in range(treedef.num_leaves)]
 
   def new_state(treedef, count, new_fields):
+    """The state from per-leaf (m_row, m_col, m_sign, v_row, v_col)."""
     trees = [jax.tree.unflatten(treedef, [f[i] for f in new_fields])
              for i in range(5)]
     if not momentum:
@@ -662,8 +658,8 @@ def smmf(
       updates and the state's total size are unchanged, but the state is
       stacked per group and a step launches a few kernels per group instead
       of per leaf. False keeps one :class:`SMMFState` entry per leaf.
-    fused_kernel: on NVIDIA GPUs, one Pallas kernel pass per leaf where the
-      square view can be tiled (see :func:`scale_by_smmf`); the gradients
+    fused_kernel: on NVIDIA GPUs, one Pallas kernel pass over the leaves
+      whose square view can be tiled (see :func:`scale_by_smmf`); the gradients
       are then read in place, not stacked.
 
   Returns:
