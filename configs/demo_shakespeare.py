@@ -50,6 +50,6 @@ def get_config():
           adamw=2e-3, hfac=3e-3, sign_fsgd=3e-3, adadiag=3e-3, smmf=3e-3,
           adam_sn=3e-2)),
       optimizer_kwargs=ml_collections.ConfigDict(dict(
-          smmf=dict(decay_rate=-0.8))),  # SMMF README: -0.8 for Transformers
+          smmf=dict(decay_rate=0.8))),  # SMMF README: 0.8 for Transformers (its gamma = -0.8)
   ))
   return config

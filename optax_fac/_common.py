@@ -183,3 +183,176 @@ def map_leaves(fn: Callable[..., tuple], n_out: int, treedef_source: Any,
     return tuple(jax.tree.unflatten(treedef, []) for _ in range(n_out))
   return tuple(jax.tree.unflatten(treedef, [o[i] for o in outs])
                for i in range(n_out))
+
+
+# --------------------------------------------------------------------------
+# optax.tree_map_params support.
+#
+# optax.tree_map_params(tx, f, state) calls ``tx.init`` with a placeholder in
+# place of the params (a pytree node with no children) and maps ``f`` over
+# every part of the resulting state that is the placeholder again, i.e. every
+# tree built by mapping over the params (Adam's moments). Factored statistics
+# also have one entry per parameter but not the parameter's shape, so ``f``
+# (a cast, a sharding) must not be mapped over them: their init puts the
+# leaf :data:`NOT_PARAMS` there instead, and tree_map_params passes the real
+# statistics through untouched (to ``transform_non_params``, if given).
+
+
+class _NotParams:
+  """Marks, in the state built from optax's params placeholder, a subtree
+  that is not a copy of the params (factored statistics, stacked groups)."""
+
+  def __repr__(self):
+    return 'NOT_PARAMS'
+
+
+NOT_PARAMS = _NotParams()
+
+
+def is_params_placeholder(params: Any) -> bool:
+  """True for the params stand-in of ``optax.tree_map_params``.
+
+  That stand-in is a pytree node without children whose type is not one of
+  the containers real params are made of; an empty dict/list/tuple (real
+  params with no leaves) is not a placeholder.
+  """
+  if params is None or isinstance(params, (dict, list, tuple)):
+    return False
+  try:
+    leaves, treedef = jax.tree.flatten(params)
+  except TypeError:
+    return False
+  return not leaves and treedef.num_nodes == 1 and not isinstance(
+      params, optax.MaskedNode)
+
+
+def stats_or_marker(params: Any, build: Callable[[], Any]) -> Any:
+  """``build()``, or :data:`NOT_PARAMS` for optax's params placeholder."""
+  return NOT_PARAMS if is_params_placeholder(params) else build()
+
+
+# --------------------------------------------------------------------------
+# Integer settings under optax.inject_hyperparams.
+#
+# inject_hyperparams turns every int argument into an array, which is traced
+# under jit. A *dynamic* integer (a refresh period) is used as an array. A
+# *structural* one (which sides get a basis, a rank, a packing) decides
+# shapes: it is read as a Python int where it is concrete, and update reads
+# the structure from the state's shapes instead.
+
+
+def is_traced(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def structural_int(name: str, value: Any, default: int, *,
+                   minimum: int = 1, where: str = '') -> int | None:
+  """A structural integer setting as a Python int (None if traced).
+
+  Args:
+    name: the argument's name (for errors).
+    value: None (use ``default``), an int, or a concrete integer array (what
+      ``optax.inject_hyperparams`` passes); a traced array gives None (the
+      caller then reads the structure from the state).
+    default: the value None stands for.
+    minimum: the smallest allowed value.
+    where: the function, for messages.
+
+  Raises:
+    ValueError: for a non-integer or a value below ``minimum``.
+  """
+  if value is None:
+    return default
+  if is_traced(value):
+    return None
+  v = value
+  if isinstance(v, (jax.Array, np.ndarray, np.generic)):
+    if np.ndim(v) != 0 or not jnp.issubdtype(v.dtype, jnp.integer):
+      raise ValueError(f'{where}{name} must be an int, got {value!r}.')
+    v = int(v)
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+    raise ValueError(
+        f'{where}{name} must be an int >= {minimum}, got {value!r}.')
+  return int(v)
+
+
+def traced_structural_error(names: Sequence[str], where: str) -> ValueError:
+  """The error for structural settings that arrive traced at init."""
+  listed = ', '.join(repr(n) for n in names)
+  return ValueError(
+      f'{where}: {listed} decide the shape of the state, and are traced here '
+      '(optax.inject_hyperparams under jax.jit turns ints into traced '
+      f'arrays). Pass static_args=({listed},) to optax.inject_hyperparams, or '
+      'leave them at their default (None).')
+
+
+def check_dynamic_int(name: str, value: Any, where: str = '') -> None:
+  """A positive integer that may be an (injected, traced) int array."""
+  if is_traced(value):
+    if not jnp.issubdtype(value.dtype, jnp.integer):
+      raise ValueError(f'{where}{name} must be an int, got {value!r}.')
+    return
+  structural_int(name, value, 1, where=where)
+
+
+# --------------------------------------------------------------------------
+# Masks: a bool tree (of any pytree type, callable modules included), a prefix
+# of the params, or a function of the params (optax's rule: a mask is a
+# function iff it is callable at every leaf).
+
+
+def is_tree_function(spec: Any, is_leaf: Callable[[Any], bool] | None = None
+                     ) -> bool:
+  """True if ``spec`` is to be called on the params, as optax decides.
+
+  A function is callable at its one leaf; a bool tree, or a tree of
+  :class:`~optax_fac.MatrixView`, is not, even when its pytree type (an
+  equinox-style module) defines ``__call__``.
+  """
+  leaves = jax.tree.leaves(jax.tree.map(callable, spec, is_leaf=is_leaf),
+                           is_leaf=lambda x: isinstance(x, bool))
+  return bool(leaves) and all(leaves)
+
+
+def _paths(tree: Any, is_leaf=None) -> list[str]:
+  return [jax.tree_util.keystr(p) for p, _ in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
+
+
+def structure_mismatch(name: str, tree: Any, params: Any,
+                       is_leaf=None) -> str:
+  """A message naming the leaf paths where ``tree`` and ``params`` differ."""
+  want = _paths(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  got = _paths(tree, is_leaf=is_leaf)
+  missing = [p for p in want if not any(p.startswith(g) for g in got)]
+  extra = [g for g in got if not any(p.startswith(g) for p in want)]
+  parts = []
+  if missing:
+    parts.append('no entry for ' + ', '.join(missing[:5])
+                 + (' ...' if len(missing) > 5 else ''))
+  if extra:
+    parts.append('entries not in the params: ' + ', '.join(extra[:5])
+                 + (' ...' if len(extra) > 5 else ''))
+  detail = '; '.join(parts) or (
+      f'tree {jax.tree.structure(tree, is_leaf=is_leaf)} vs params '
+      f'{jax.tree.structure(params)}')
+  return (f'{name} must have the structure of the params (or be a prefix of '
+          f'it, or a function of the params): {detail}.')
+
+
+def resolve_mask(name: str, mask: Any, params: Any) -> Any:
+  """The bool tree (params' structure) of a mask argument; None = all True.
+
+  Raises:
+    ValueError: naming ``name`` and the leaf paths, if the tree does not fit.
+  """
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if mask is None:
+    return jax.tree.map(lambda _: True, params, is_leaf=is_masked)
+  tree = mask(params) if is_tree_function(mask) else mask
+  try:
+    return jax.tree.map(
+        lambda m, p: jax.tree.map(lambda _: bool(m), p, is_leaf=is_masked),
+        tree, params, is_leaf=is_masked)
+  except (ValueError, TypeError):
+    raise ValueError(structure_mismatch(name, tree, params)) from None

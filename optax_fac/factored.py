@@ -1,6 +1,6 @@
 """Factored statistics: Adafactor-style second moment and factored momentum.
 
-ALGORITHMS.md §1 (``scale_by_factored_rms``) and §2.4
+docs/algorithms.md §1 (``scale_by_factored_rms``) and §2.4
 (``scale_by_factored_momentum``). Row/column statistics live in the
 parameter's own layout (see :mod:`optax_fac.matrix`) and in float32.
 
@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -30,38 +31,47 @@ from optax_fac import matrix
 
 
 def factored_second_moment_update(g32, row, col, view, decay, eps):
-  """EMA of the row/column sums of Z = G² + eps (ALGORITHMS.md §1).
+  """EMA of the row/column means of Z = G² + eps (docs/algorithms.md §1).
 
-  Σ_j (G²_ij + ε) is computed as Σ_j G²_ij + n ε, so each reduction reads G
-  directly and no m×n Z is materialised between the two reductions.
+  [decided] The statistics are means (r̄ = r/n, s̄ = s/m of the paper's row
+  and column sums), each computed as a sum of (G/√n)² (resp. (G/√m)²): a sum
+  of squares of gradients of scale 1e18 overflows float32, a mean of them
+  does not, and no intermediate exceeds max G². The reductions read G
+  directly (no m×n Z is materialised).
   """
   m, n = view.dims(g32.shape)
-  g2 = g32 * g32
-  return (_common.ema(row, view.row_sum(g2) + n * eps, decay),
-          _common.ema(col, view.col_sum(g2) + m * eps, decay))
+  row_mean = view.row_sum(jnp.square(g32 * _inv_sqrt(n))) + eps
+  col_mean = view.col_sum(jnp.square(g32 * _inv_sqrt(m))) + eps
+  return (_common.ema(row, row_mean, decay), _common.ema(col, col_mean, decay))
+
+
+def _inv_sqrt(k: int) -> float:
+  return 1.0 / math.sqrt(k) if k > 0 else 1.0
 
 
 def inverse_sqrt_factors(row, col, view):
-  """Row and column factors k, l with 1/sqrt(V̂) = k lᵀ, V̂ = r sᵀ / (1ᵀ r).
+  """Row and column factors k, l with 1/sqrt(V̂) = k lᵀ.
 
-  k = sqrt(1ᵀ r) / sqrt(r) (per row, broadcastable against the leaf) and
-  l = 1 / sqrt(s) (per column): V̂ is never materialised.
+  V̂ = r̄ s̄ᵀ / mean(r̄) (equal to the paper's r sᵀ / (1ᵀ r) for sums
+  r = n r̄, s = m s̄), so k = sqrt(mean(r̄)) / sqrt(r̄) (per row,
+  broadcastable against the leaf) and l = 1 / sqrt(s̄) (per column): V̂ is
+  never materialised, and no product of two statistics is formed.
   """
-  total = view.sum_rows_of_row_stat(row)
-  return (jnp.sqrt(total) * jax.lax.rsqrt(view.expand_rows(row)),
+  mean = view.mean_rows_of_row_stat(row)
+  return (jnp.sqrt(mean) * jax.lax.rsqrt(view.expand_rows(row)),
           jax.lax.rsqrt(view.expand_cols(col)))
 
 
 def clip_factor(g32, row_factor, col_factor, view, threshold):
   """1 / max(1, RMS(U)/d) for U = G ⊙ k lᵀ, per matrix (1 if threshold None).
 
-  RMS(U)² is written from G (mean of G² k² l²) rather than from a stored U,
-  so the reduction re-reads G and the final update fuses into one pass.
+  RMS(U)² is written from G (mean of (G k l)²) rather than from a stored U,
+  so the reduction re-reads G and the final update fuses into one pass; U is
+  formed before squaring, so a huge G does not overflow.
   """
   if threshold is None:
     return jnp.ones((), g32.dtype)
-  mean_sq = view.matrix_mean(g32 * g32 * (row_factor * row_factor)
-                             * (col_factor * col_factor))
+  mean_sq = view.matrix_mean(jnp.square(g32 * row_factor * col_factor))
   return 1.0 / jnp.maximum(1.0, jnp.sqrt(mean_sq) / threshold)
 
 
@@ -71,7 +81,15 @@ def row_col_means(g32, view):
 
 
 def init_row_col(params, views):
-  """Zero float32 row and column statistics for every leaf."""
+  """Zero float32 row and column statistics for every leaf.
+
+  For ``optax.tree_map_params``' params placeholder, two
+  :data:`~optax_fac._common.NOT_PARAMS` markers (the statistics are not
+  param-shaped, so functions of the params are not mapped over them).
+  """
+  if _common.is_params_placeholder(params):
+    return _common.NOT_PARAMS, _common.NOT_PARAMS
+
   def one(p, view):
     return (_common.zeros_like_result(lambda x: view.row_sum(_common.f32(x)), p),
             _common.zeros_like_result(lambda x: view.col_sum(_common.f32(x)), p))
@@ -85,8 +103,8 @@ def init_row_col(params, views):
 class FactoredRmsState(NamedTuple):
   """State of :func:`scale_by_factored_rms`."""
   count: jax.Array  # shape=(), dtype=jnp.int32.
-  row: Any          # per leaf: row statistic r (float32)
-  col: Any          # per leaf: column statistic s (float32)
+  row: Any          # per leaf: row statistic r̄ (EMA of row means, float32)
+  col: Any          # per leaf: column statistic s̄ (EMA of column means)
   mu: Any           # per leaf: full first moment M̂, or None without momentum
 
 
@@ -94,15 +112,16 @@ def scale_by_factored_rms(
     b1: Optional[float] = None,
     b2: float = 0.999,
     eps: float = 1e-30,
-    clip_threshold: Optional[float] = None,
+    clipping_threshold: Optional[float] = None,
     *,
     mu_dtype: Any = None,
     views: matrix.ViewSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Adafactor-style factored second moment (ALGORITHMS.md §1).
+  r"""Adafactor-style factored second moment (docs/algorithms.md §1).
 
-  With Z = G² + eps, r and s are bias-corrected EMAs (decay ``b2``) of the row
-  and column sums of Z, V̂ = r sᵀ / (1ᵀ r), and the update is
+  With Z = G² + eps, r̄ and s̄ are bias-corrected EMAs (decay ``b2``) of the
+  row and column means of Z, V̂ = r̄ s̄ᵀ / mean(r̄) (= r sᵀ / (1ᵀ r) for the
+  sums; means stay finite for any gradient at which Adam is), the update is
   D = G / sqrt(V̂) (``b1=None``) or D = M̂ / sqrt(V̂) with M̂ the bias-corrected
   EMA of the gradient (momentum on the gradient, the "signal-to-noise" form of
   the AdaDiag paper, App. A.2; optax.adafactor instead takes momentum of the
@@ -114,7 +133,7 @@ def scale_by_factored_rms(
     b1: momentum decay, or None for no first moment.
     b2: second-moment decay (Adam-style EMA with bias correction).
     eps: ε₁ added to G² (float32).
-    clip_threshold: d for update clipping; None disables it.
+    clipping_threshold: d for update clipping; None disables it.
     mu_dtype: dtype of the first moment (default float32).
     views: per-leaf :class:`optax_fac.MatrixView` override (see
       :func:`optax_fac.matrix.resolve_views`).
@@ -129,7 +148,7 @@ def scale_by_factored_rms(
   _common.check_unit_interval('b1', b1, allow_none=True)
   _common.check_unit_interval('b2', b2)
   _common.check_nonnegative('eps', eps)
-  _common.check_positive('clip_threshold', clip_threshold, allow_none=True)
+  _common.check_positive('clipping_threshold', clipping_threshold, allow_none=True)
   mu_dtype = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params):
@@ -162,7 +181,7 @@ def scale_by_factored_rms(
         new_mu = new_mu.astype(mu_dtype)
       k, l = inverse_sqrt_factors(row, col, view)
       # Clipping is defined on D = M̂ ⊙ k lᵀ, so its RMS uses the numerator.
-      d = numer * (k * clip_factor(numer, k, l, view, clip_threshold)) * l
+      d = numer * (k * clip_factor(numer, k, l, view, clipping_threshold)) * l
       return d.astype(g.dtype), row, col, new_mu
 
     d, row, col, mu = _common.map_leaves(
@@ -190,7 +209,7 @@ def scale_by_factored_momentum(
     sign: bool = False,
     views: matrix.ViewSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Rank-1 (row + column) momentum of H-Fac (ALGORITHMS.md §2.4).
+  r"""Rank-1 (row + column) momentum of H-Fac (docs/algorithms.md §2.4).
 
   Keeps u, v: EMAs of the gradient's row means a and column means b. With
   û = u − a and v̂ = v − b (the momentum's row/column component minus the

@@ -1,6 +1,6 @@
 """H-Fac, signFSGD and LionFactor: factored (rank-1 row/column) momentum.
 
-ALGORITHMS.md §2. The named optimizers ``hfac``, ``sign_fsgd`` and
+docs/algorithms.md §2. The named optimizers ``hfac``, ``sign_fsgd`` and
 ``lion_factor`` are in :mod:`optax_fac.alias`.
 
 References:
@@ -28,26 +28,27 @@ class HfacState(NamedTuple):
   count: jax.Array  # shape=(), dtype=jnp.int32.
   u: Any            # per leaf: row momentum (time-corrected EMA of row means)
   v: Any            # per leaf: column momentum
-  row: Any          # per leaf: r, EMA of row sums of G² + eps
-  col: Any          # per leaf: s, EMA of column sums of G² + eps
+  row: Any          # per leaf: r̄, EMA of row means of G² + eps
+  col: Any          # per leaf: s̄, EMA of column means of G² + eps
 
 
 def scale_by_hfac(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-30,
-    clip_threshold: Optional[float] = 1.0,
+    clipping_threshold: Optional[float] = 1.0,
     *,
     views: matrix.ViewSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""H-Fac: factored momentum plus factored second moment (ALGORITHMS.md §2.1).
+  r"""H-Fac: factored momentum plus factored second moment (docs/algorithms.md §2.1).
 
   Each step t, with time-corrected decays β̂1, β̂2, row/column means a, b of G:
 
   1. u ← β̂1 u + (1−β̂1) a;  v ← β̂1 v + (1−β̂1) b.
-  2. r, s ← EMAs (β̂2) of the row/column sums of Z = G² + eps.
-  3. U = G / sqrt(V̂), V̂ = r sᵀ / (1ᵀ r);  Û = U / max(1, RMS(U)/d).
-  4. φ_ij = β̂1 (u_i − a_i) / sqrt(r_i / n);  ψ_ij = β̂1 (v_j − b_j) / sqrt(s_j / m).
+  2. r̄, s̄ ← EMAs (β̂2) of the row/column means of Z = G² + eps (the
+     paper's sums r = n r̄, s = m s̄; means do not overflow).
+  3. U = G / sqrt(V̂), V̂ = r̄ s̄ᵀ / mean(r̄);  Û = U / max(1, RMS(U)/d).
+  4. φ_ij = β̂1 (u_i − a_i) / sqrt(r̄_i);  ψ_ij = β̂1 (v_j − b_j) / sqrt(s̄_j).
   5. D = ½(φ + ψ) + Û.
 
   At t = 1, β̂1 = 0 and D = Û (a clipped Adafactor step). The step listing
@@ -58,7 +59,7 @@ def scale_by_hfac(
     b1: momentum decay β1.
     b2: second-moment decay β2.
     eps: ε₁ added to G² (float32).
-    clip_threshold: d in Û = U / max(1, RMS(U)/d); None disables clipping.
+    clipping_threshold: d in Û = U / max(1, RMS(U)/d); None disables clipping.
     views: per-leaf :class:`optax_fac.MatrixView` override.
 
   Returns:
@@ -70,7 +71,7 @@ def scale_by_hfac(
   _common.check_unit_interval('b1', b1)
   _common.check_unit_interval('b2', b2)
   _common.check_nonnegative('eps', eps)
-  _common.check_positive('clip_threshold', clip_threshold, allow_none=True)
+  _common.check_positive('clipping_threshold', clipping_threshold, allow_none=True)
 
   def init_fn(params):
     _common.check_float_params(params, 'scale_by_hfac')
@@ -89,7 +90,6 @@ def scale_by_hfac(
     beta2 = _common.time_corrected_decay(b2, count)
 
     def one(g, u, v, row, col, view):
-      m, n = view.dims(g.shape)
       g32 = _common.f32(g)
       a, b = factored.row_col_means(g32, view)
       u = _common.ema(u, a, beta1)
@@ -97,9 +97,10 @@ def scale_by_hfac(
       row, col = factored.factored_second_moment_update(
           g32, row, col, view, beta2, eps)
       k, l = factored.inverse_sqrt_factors(row, col, view)
-      k = k * factored.clip_factor(g32, k, l, view, clip_threshold)
-      phi = beta1 * (u - a) * jax.lax.rsqrt(row / n)
-      psi = beta1 * (v - b) * jax.lax.rsqrt(col / m)
+      k = k * factored.clip_factor(g32, k, l, view, clipping_threshold)
+      # r̄ = r / n and s̄ = s / m are stored (means, see factored.py).
+      phi = beta1 * (u - a) * jax.lax.rsqrt(row)
+      psi = beta1 * (v - b) * jax.lax.rsqrt(col)
       # One fused pass: D = ½(φ 1ᵀ + 1 ψᵀ) + G ⊙ (k lᵀ)/max(1, RMS(U)/d).
       d = 0.5 * (view.expand_rows(phi) + view.expand_cols(psi)) + g32 * k * l
       return d.astype(g.dtype), u, v, row, col
@@ -117,14 +118,14 @@ def scale_by_sign_fsgd(
     *,
     views: matrix.ViewSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""signFSGD direction (ALGORITHMS.md §2.2).
+  r"""signFSGD direction (docs/algorithms.md §2.2).
 
   u ← β u + (1−β) a;  v ← β v + (1−β) b (plain EMAs);
   D = ½[sign(G + β (u − a) 1ᵀ) + sign(G + β 1 (v − b)ᵀ)].
 
   .. note::
     The H-Fac paper names signFSGD but its listing is reconstructed here
-    (ALGORITHMS.md §2.2), not transcribed.
+    (docs/algorithms.md §2.2), not transcribed.
 
   References:
     Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
@@ -138,7 +139,7 @@ def scale_by_lion_factor(
     *,
     views: matrix.ViewSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""LionFactor direction (ALGORITHMS.md §2.3): double-β factored momentum.
+  r"""LionFactor direction (docs/algorithms.md §2.3): double-β factored momentum.
 
   With u, v from the previous step:
   c_row = G + β1 (u − a) 1ᵀ;  c_col = G + β1 1 (v − b)ᵀ;
@@ -147,7 +148,7 @@ def scale_by_lion_factor(
 
   .. note::
     The paper names LionFactor ("double-β, like Lion"); the exact form here
-    is reconstructed (ALGORITHMS.md §2.3).
+    is reconstructed (docs/algorithms.md §2.3).
 
   References:
     Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025;

@@ -120,6 +120,19 @@ class MatrixView:
     total = jnp.sum(r, axis=row_axes_in_r, keepdims=True)
     return jnp.expand_dims(total, self.cols)
 
+  def mean_rows_of_row_stat(self, r: jax.Array) -> jax.Array:
+    """mean(r) over the rows of a row statistic, broadcastable against the leaf.
+
+    Each entry is scaled by 1/m before the sum, so the sum cannot overflow
+    where the entries do not.
+    """
+    r_axes = [a for a in range(r.ndim + len(self.cols)) if a not in self.cols]
+    row_axes_in_r = tuple(i for i, a in enumerate(r_axes) if a in self.rows)
+    m = math.prod(r.shape[i] for i in row_axes_in_r)
+    scale = 1.0 / m if m > 0 else 1.0
+    total = jnp.sum(r * scale, axis=row_axes_in_r, keepdims=True)
+    return jnp.expand_dims(total, self.cols)
+
   def matrix_mean(self, x: jax.Array) -> jax.Array:
     """Mean over one matrix (rows and columns), broadcastable against x."""
     return jnp.mean(x, axis=self.rows + self.cols, keepdims=True)
@@ -176,6 +189,19 @@ def _is_view_leaf(x) -> bool:
   return x is None or isinstance(x, MatrixView)
 
 
+def _is_views_function(views) -> bool:
+  """A function of the params, not a tree of views (optax's mask rule).
+
+  A tree whose pytree type defines ``__call__`` (an equinox-style module)
+  is still a tree: only a spec callable at every leaf is called.
+  """
+  if views is None or isinstance(views, MatrixView):
+    return False
+  flags = jax.tree.leaves(jax.tree.map(callable, views, is_leaf=_is_view_leaf),
+                          is_leaf=lambda x: isinstance(x, bool))
+  return bool(flags) and all(flags)
+
+
 def leaf_path_str(path) -> str:
   s = jax.tree_util.keystr(path)
   return s if s else '<root>'
@@ -203,7 +229,7 @@ def resolve_views(params: Any, views: ViewSpec = None, *,
   Returns:
     A tree of normalised ``MatrixView`` (or None) with the params' structure.
   """
-  if callable(views) and not isinstance(views, MatrixView):
+  if _is_views_function(views):
     views = views(params)
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=_is_masked)

@@ -1,6 +1,6 @@
 """Rotation into the gradient's singular basis: the AdaDiag family.
 
-ALGORITHMS.md §3 (see ../shared/ALGORITHMS.md). :func:`svd_rotation` wraps any
+docs/algorithms.md §3. :func:`svd_rotation` wraps any
 shape-preserving transform ``inner``: it rotates each matrix gradient G into
 the basis of G's singular vectors (refreshed from the current gradient at
 t = 1 and every ``every`` steps), runs ``inner`` there and rotates the result
@@ -40,10 +40,12 @@ from optax_fac import _common
 from optax_fac import alias
 from optax_fac import factored
 from optax_fac.hfac import scale_by_hfac
+from optax_fac import linalg
 from optax_fac import matrix
 from optax_fac import sharding
 
 SIDES = ('one', 'two')
+DEFAULT_MAX_DIM = 8192
 BASES = ('eigh', 'svd', 'identity')
 CARRIES = ('keep', 'rotate')
 
@@ -97,7 +99,7 @@ class _Plan:
 
 def _plan(shape: Sequence[int], view: Optional[matrix.MatrixView], sides: str,
           max_dim: int) -> _Plan:
-  """ALGORITHMS.md §3: smaller side (tie: rows) or both; none above max_dim."""
+  """docs/algorithms.md §3: smaller side (tie: rows) or both; none above max_dim."""
   shape = tuple(shape)
   if view is None:
     return _Plan(matrix.MatrixView((), ()), shape, False, False)
@@ -270,53 +272,61 @@ def _reshape(x, shape, spec_fn):
 # Decompositions (module-level so tests can count their calls).
 
 
-def fix_signs(vecs: jax.Array) -> jax.Array:
-  """Flips each column so that its largest-magnitude entry is positive.
-
-  The sign convention of ALGORITHMS.md §3 [decided]: deterministic bases
-  across backends, and consecutive refreshes do not flip stale momentum.
-  """
-  idx = jnp.argmax(jnp.abs(vecs), axis=-2)
-  pivot = jnp.take_along_axis(vecs, idx[..., None, :], axis=-2)
-  return vecs * jnp.where(pivot < 0, -1.0, 1.0).astype(vecs.dtype)
-
-
-def eigh_descending(gram: jax.Array) -> jax.Array:
-  """Eigenvectors of symmetric (B, k, k) matrices, eigenvalues descending."""
-  _, vecs = jnp.linalg.eigh(gram)
-  return vecs[..., ::-1]
-
-
-def svd_vectors(mats: jax.Array, full_matrices: bool):
-  """Left and right singular vectors (as columns) of (B, m, n) matrices."""
-  u, _, vh = jnp.linalg.svd(mats, full_matrices=full_matrices)
-  return u, jnp.swapaxes(vh, -1, -2)
+# The helpers live in optax_fac/linalg.py; these module-level names are the
+# ones _new_bases calls (tests count calls by patching them here).
+fix_signs = linalg.fix_signs            # largest-magnitude entry positive
+eigh_descending = linalg.eigh_descending  # (B, k, k) -> (λ (B, k), vectors)
+svd_vectors = linalg.svd_vectors        # (B, m, n) -> (u, s, v), reduced
 
 
 def _all_finite(x):
   return jnp.all(jnp.isfinite(x), axis=(-2, -1))
 
 
+def _unit_max(x, plan: _Plan):
+  """G / max|G| per matrix (per batch element): eigen- and singular vectors
+  are scale-invariant, and the Gram matrix of a 1e18-scale gradient would
+  overflow float32. A zero matrix stays zero (its basis is the identity)."""
+  return linalg.scale_to_unit_max(x, plan.view.rows + plan.view.cols)
+
+
+def _rtol(plan: _Plan, dtype) -> float:
+  """The rank tolerance on λ = σ² of this leaf (linalg.rank_rtol)."""
+  return linalg.rank_rtol(plan.m, plan.n, dtype)
+
+
 def _new_bases(xs, plans, basis):
   """{(leaf, side): ((B, k, k) vectors, (B,) ok)} from batched decompositions.
 
   Same-size requests from all leaves and sides are stacked into one call.
+  Every basis is :func:`optax_fac.linalg.canonical_basis` of the
+  decomposition of G / max|G|: the vectors of λ = σ² above the leaf's rank
+  tolerance, sign-fixed, then the canonical completion of their span (the
+  null block of a non-square side, numerically zero singular values), so
+  that "eigh" and "svd" give the same basis.
   """
   out = {}
   if basis == 'eigh':
     groups: dict = {}
     for i, (x, plan) in enumerate(zip(xs, plans)):
+      if not plan.rotated:
+        continue
+      x = _unit_max(x, plan)
       for side in ('left', 'right'):
         if getattr(plan, side):
           groups.setdefault(plan.side_dim(side), []).append(
-              ((i, side), _gram(x, plan, side)))
+              ((i, side), _gram(x, plan, side), _rtol(plan, x.dtype)))
     for items in groups.values():
-      grams = [g for _, g in items]
+      grams = [g for _, g, _ in items]
       stacked = grams[0] if len(grams) == 1 else jnp.concatenate(grams, 0)
-      vecs = fix_signs(eigh_descending(stacked))
+      rtols = {r for _, _, r in items}
+      rtol = (rtols.pop() if len(rtols) == 1 else np.concatenate(
+          [np.full(g.shape[0], r, stacked.dtype) for _, g, r in items]))
+      lam, vecs = eigh_descending(stacked)
+      vecs, _ = linalg.canonical_basis(vecs, lam, rtol)
       ok = _all_finite(vecs) & _all_finite(stacked)
       start = 0
-      for key, g in items:
+      for key, g, _ in items:
         stop = start + g.shape[0]
         out[key] = (vecs[start:stop], ok[start:stop])
         start = stop
@@ -324,22 +334,25 @@ def _new_bases(xs, plans, basis):
     groups = {}
     for i, (x, plan) in enumerate(zip(xs, plans)):
       if plan.rotated:
-        full = plan.left and plan.right
-        groups.setdefault((plan.m, plan.n, full), []).append(
-            (i, _as_matrix(x, plan)))
-    for (_, _, full), items in groups.items():
+        groups.setdefault((plan.m, plan.n), []).append(
+            (i, _as_matrix(_unit_max(x, plan), plan)))
+    for items in groups.values():
       mats = [a for _, a in items]
       stacked = mats[0] if len(mats) == 1 else jnp.concatenate(mats, 0)
-      u, v = svd_vectors(stacked, full)
-      u, v = fix_signs(u), fix_signs(v)
-      ok = _all_finite(u) & _all_finite(v) & _all_finite(stacked)
+      u, s, v = svd_vectors(stacked, False)
+      lam, rtol = s * s, _rtol(plans[items[0][0]], stacked.dtype)
+      ok = _all_finite(stacked)
+      sides = {}
+      for side, vecs in (('left', u), ('right', v)):
+        if any(getattr(plans[i], side) for i, _ in items):
+          sides[side], _ = linalg.canonical_basis(vecs, lam, rtol)
+          ok = ok & _all_finite(sides[side])
       start = 0
       for i, a in items:
         stop = start + a.shape[0]
-        if plans[i].left:
-          out[(i, 'left')] = (u[start:stop], ok[start:stop])
-        if plans[i].right:
-          out[(i, 'right')] = (v[start:stop], ok[start:stop])
+        for side, vecs in sides.items():
+          if getattr(plans[i], side):
+            out[(i, side)] = (vecs[start:stop], ok[start:stop])
         start = stop
   return out
 
@@ -383,14 +396,14 @@ def svd_rotation(
     *,
     sides: str = 'one',
     every: int = 200,
-    max_dim: int = 8192,
+    max_dim: Optional[int] = None,
     basis: str = 'eigh',
     carry: str = 'keep',
     precision: Any = None,
     basis_dtype: Any = jnp.float32,
     views: matrix.ViewSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Runs ``inner`` in the singular basis of the gradient (ALGORITHMS.md §3).
+  r"""Runs ``inner`` in the singular basis of the gradient (docs/algorithms.md §3).
 
   For each matrix leaf (see :mod:`optax_fac.matrix` for views) with gradient
   G ∈ R^{m×n}:
@@ -473,12 +486,46 @@ def svd_rotation(
     raise ValueError(f'basis must be one of {BASES}, got {basis!r}.')
   if carry not in CARRIES:
     raise ValueError(f'carry must be one of {CARRIES}, got {carry!r}.')
-  _common.check_positive_int('every', every)
-  _common.check_positive_int('max_dim', max_dim)
+  _common.check_dynamic_int('every', every, 'svd_rotation: ')
+  max_dim = _common.structural_int('max_dim', max_dim, DEFAULT_MAX_DIM,
+                                   where='svd_rotation: ')
   basis_dtype = jnp.dtype(basis_dtype)
   if not jnp.issubdtype(basis_dtype, jnp.floating):
     raise ValueError(f'basis_dtype must be a float dtype, got {basis_dtype}.')
   inner = optax.with_extra_args_support(inner)
+
+  def plans_from_state(tree, state):
+    """The plans of ``tree``'s leaves, with the sides the state rotates.
+
+    Which sides have a basis is read from the state (so a traced
+    ``max_dim`` under ``optax.inject_hyperparams`` is never needed here).
+    """
+    views_tree = matrix.resolve_views(tree, views, vectors=False)
+    treedef = jax.tree.structure(tree)
+    try:
+      lefts = treedef.flatten_up_to(state.left)
+      rights = treedef.flatten_up_to(state.right)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          'svd_rotation: the updates tree does not match the tree the '
+          f'optimizer was initialised with: {e}') from None
+    plans = []
+    for (path, leaf), view, l, r in zip(
+        jax.tree_util.tree_flatten_with_path(tree)[0],
+        treedef.flatten_up_to(views_tree), lefts, rights):
+      plan = _plan(leaf.shape, view, sides, max(leaf.shape, default=1))
+      plan = dataclasses.replace(plan, left=l is not None, right=r is not None)
+      for side, b in (('left', l), ('right', r)):
+        if b is None:
+          continue
+        want = plan.batch_shape + (plan.side_dim(side),) * 2
+        if view is None or tuple(b.shape) != want:
+          raise ValueError(
+              f'svd_rotation: update {matrix.leaf_path_str(path)} has shape '
+              f'{tuple(leaf.shape)}, which does not match the state built at '
+              f'init ({side} basis of shape {tuple(b.shape)}).')
+      plans.append(plan)
+    return plans, lefts, rights
 
   def plans_for(tree):
     views_tree = matrix.resolve_views(tree, views, vectors=False)
@@ -487,7 +534,14 @@ def svd_rotation(
             zip(jax.tree.leaves(tree), treedef.flatten_up_to(views_tree))]
 
   def init_fn(params):
+    if _common.is_params_placeholder(params):  # optax.tree_map_params
+      return SvdRotationState(count=_common.zero_count(),
+                              left=_common.NOT_PARAMS,
+                              right=_common.NOT_PARAMS,
+                              inner_state=inner.init(params))
     _common.check_float_params(params, 'svd_rotation')
+    if max_dim is None:
+      raise _common.traced_structural_error(['max_dim'], 'svd_rotation')
     treedef = jax.tree.structure(params)
     plans = plans_for(params)
 
@@ -514,24 +568,8 @@ def svd_rotation(
   def update_fn(updates, state, params=None, **extra_args):
     del params
     treedef = jax.tree.structure(updates)
-    try:
-      lefts = treedef.flatten_up_to(state.left)
-      rights = treedef.flatten_up_to(state.right)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          'svd_rotation: the updates tree does not match the tree the '
-          f'optimizer was initialised with: {e}') from None
-    plans = plans_for(updates)
+    plans, lefts, rights = plans_from_state(updates, state)
     grads = jax.tree.leaves(updates)
-    for g, plan, l, r in zip(grads, plans, lefts, rights):
-      for side, b in (('left', l), ('right', r)):
-        want = (plan.batch_shape + (plan.side_dim(side),) * 2
-                if getattr(plan, side) else None)
-        got = None if b is None else tuple(b.shape)
-        if want != got:
-          raise ValueError(
-              f'svd_rotation: update of shape {tuple(g.shape)} does not match '
-              f'the state built at init ({side} basis {got}, expected {want}).')
 
     count = _common.increment(state.count)
     xs = [g.astype(basis_dtype) if p.rotated else None
@@ -651,13 +689,15 @@ sharding.register_state_rule(SvdRotationState, {
 
 
 # --------------------------------------------------------------------------
-# Named optimizers (ALGORITHMS.md §3).
+# Named optimizers (docs/algorithms.md §3).
 
 
 def _rotated_named(make_inner, *, sides, every, max_dim, basis, carry,
                    precision, views, learning_rate, weight_decay,
-                   weight_decay_mask, mask, fallback, stack_leaves=True):
+                   mask, method_mask, fallback, stack_leaves=True):
   """``make_inner(views)`` rotated on the matrices, named-optimizer chain."""
+  _common.check_dynamic_int('every', every)
+  _common.structural_int('max_dim', max_dim, DEFAULT_MAX_DIM)
   method = alias.matrix_method(
       lambda v: alias.scale_in_float32(svd_rotation(
           make_inner(v), sides=sides, every=every, max_dim=max_dim, basis=basis,
@@ -665,18 +705,20 @@ def _rotated_named(make_inner, *, sides, every, max_dim, basis, carry,
       views, stack_leaves)
   return alias.named_optimizer(
       method, learning_rate=learning_rate, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, mask=mask, views=views,
-      fallback=fallback)
+      mask=mask, method_mask=method_mask, views=views, fallback=fallback)
 
 
 _COMMON_ARGS_DOC = """    weight_decay: λ of the decoupled decay W ← W − η(D + λW), applied in the
       original coordinates.
-    weight_decay_mask: which leaves are decayed (optax.add_decayed_weights).
-    mask: which leaves get the rotated method (bool tree or callable of
-      params); None = every matrix leaf. The paper-faithful LLaMA recipes
-      exclude the token embedding (it then gets the Adam fallback).
-    every: basis refresh period T (static under optax.inject_hyperparams).
-    max_dim: sides longer than this are not rotated (static).
+    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
+      prefix, or a function of the params); None = every leaf.
+    method_mask: which matrix leaves get the rotated method (same forms);
+      None = every ndim >= 2 leaf. The paper-faithful LLaMA recipes exclude
+      the token embedding (it then gets the Adam fallback).
+    every: basis refresh period T >= 1 (may be injected with
+      ``optax.inject_hyperparams``; a traced int is fine).
+    max_dim: sides longer than this are not rotated; None = 8192
+      (structural: decides the state's shapes).
     basis: "eigh" (default), "svd" or "identity" (static; see
       :func:`svd_rotation`).
     views: per-leaf :class:`optax_fac.MatrixView` override.
@@ -697,18 +739,18 @@ def adadiag(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    weight_decay_mask: alias.MaskOrFn = None,
     mask: alias.MaskOrFn = None,
     *,
+    method_mask: alias.MaskOrFn = None,
     every: int = 200,
-    max_dim: int = 8192,
+    max_dim: Optional[int] = None,
     basis: str = 'eigh',
     carry: str = 'keep',
     views: matrix.ViewSpec = None,
     precision: Any = None,
     stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""AdaDiag: Adam in the one-sided singular basis (ALGORITHMS.md §3).
+  r"""AdaDiag: Adam in the one-sided singular basis (docs/algorithms.md §3).
 
   ``svd_rotation(scale_by_adam(b1, b2, eps), sides="one")`` on matrices (float32
   statistics), Adam with the same β1, β2, ε on other leaves; then decoupled
@@ -735,12 +777,13 @@ def adadiag(
     Nguyen et al., `Improving Adaptive Moment Optimization via
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
+  alias.check_moments('adadiag', b1, b2, eps)
   return _rotated_named(
       lambda _: optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='one', every=every,
       max_dim=max_dim, basis=basis, carry=carry, precision=precision,
       views=views, stack_leaves=stack_leaves, learning_rate=learning_rate,
       weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, mask=mask,
+      mask=mask, method_mask=method_mask,
       fallback=alias.adam_fallback(b1, b2, eps))
 
 
@@ -751,18 +794,18 @@ def adadiag_pp(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    weight_decay_mask: alias.MaskOrFn = None,
     mask: alias.MaskOrFn = None,
     *,
+    method_mask: alias.MaskOrFn = None,
     every: int = 200,
-    max_dim: int = 8192,
+    max_dim: Optional[int] = None,
     basis: str = 'eigh',
     carry: str = 'keep',
     views: matrix.ViewSpec = None,
     precision: Any = None,
     stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""AdaDiag++: Adam in the two-sided singular basis (ALGORITHMS.md §3).
+  r"""AdaDiag++: Adam in the two-sided singular basis (docs/algorithms.md §3).
 
   ``svd_rotation(scale_by_adam(b1, b2, eps), sides="two")`` on matrices, Adam
   elsewhere. At t = 1 (with a tiny ε) the step is the polar factor U Vᵀ of
@@ -780,25 +823,26 @@ def adadiag_pp(
     Nguyen et al., `Improving Adaptive Moment Optimization via
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
+  alias.check_moments('adadiag_pp', b1, b2, eps)
   return _rotated_named(
       lambda _: optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='two', every=every,
       max_dim=max_dim, basis=basis, carry=carry, precision=precision,
       views=views, stack_leaves=stack_leaves, learning_rate=learning_rate,
       weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, mask=mask,
+      mask=mask, method_mask=method_mask,
       fallback=alias.adam_fallback(b1, b2, eps))
 
 
-def _adafac_diag(sides, learning_rate, b1, b2, eps, clip_threshold,
-                 weight_decay, weight_decay_mask, mask, every, max_dim, basis,
+def _adafac_diag(sides, learning_rate, b1, b2, eps, clipping_threshold,
+                 weight_decay, mask, method_mask, every, max_dim, basis,
                  carry, views, precision, fallback_eps, stack_leaves):
   def inner(v):
-    return factored.scale_by_factored_rms(b1, b2, eps, clip_threshold, views=v)
+    return factored.scale_by_factored_rms(b1, b2, eps, clipping_threshold, views=v)
   return _rotated_named(
       inner, sides=sides, every=every, max_dim=max_dim, basis=basis,
       carry=carry, precision=precision, views=views, stack_leaves=stack_leaves,
       learning_rate=learning_rate, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, mask=mask,
+      mask=mask, method_mask=method_mask,
       fallback=alias.adam_fallback(0.9 if b1 is None else b1, b2,
                                    fallback_eps))
 
@@ -809,13 +853,13 @@ def adafac_diag(
     b1: Optional[float] = 0.9,
     b2: float = 0.999,
     eps: float = 1e-30,
-    clip_threshold: Optional[float] = None,
+    clipping_threshold: Optional[float] = None,
     weight_decay: float = 0.0,
-    weight_decay_mask: alias.MaskOrFn = None,
     mask: alias.MaskOrFn = None,
     *,
+    method_mask: alias.MaskOrFn = None,
     every: int = 200,
-    max_dim: int = 8192,
+    max_dim: Optional[int] = None,
     basis: str = 'eigh',
     carry: str = 'keep',
     views: matrix.ViewSpec = None,
@@ -825,7 +869,7 @@ def adafac_diag(
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdafacDiag: factored second moment in the one-sided basis (§3).
 
-  ``svd_rotation(scale_by_factored_rms(b1, b2, eps, clip_threshold),
+  ``svd_rotation(scale_by_factored_rms(b1, b2, eps, clipping_threshold),
   sides="one")`` on matrices; ``b1=None`` is AdafacDiag without momentum
   (memory m + n + min(m, n)²), a float with momentum on the gradient (memory
   mn + m + n + min(m, n)²). Other leaves get Adam (β1 = ``b1`` or 0.9, β2,
@@ -837,7 +881,7 @@ def adafac_diag(
     b1: momentum decay, or None (no first moment).
     b2: second-moment decay.
     eps: ε₁ added to G² (float32).
-    clip_threshold: update clipping threshold d (None = off).
+    clipping_threshold: update clipping threshold d (None = off).
     carry: "keep" (paper) or "rotate" the first moment (needs ``b1``).
     fallback_eps: Adam's ε on non-matrix leaves.
     {common_args}
@@ -848,8 +892,8 @@ def adafac_diag(
     Nguyen et al., `Improving Adaptive Moment Optimization via
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
-  return _adafac_diag('one', learning_rate, b1, b2, eps, clip_threshold,
-                      weight_decay, weight_decay_mask, mask, every, max_dim,
+  return _adafac_diag('one', learning_rate, b1, b2, eps, clipping_threshold,
+                      weight_decay, mask, method_mask, every, max_dim,
                       basis, carry, views, precision, fallback_eps,
                       stack_leaves)
 
@@ -860,13 +904,13 @@ def adafac_diag_pp(
     b1: Optional[float] = 0.9,
     b2: float = 0.999,
     eps: float = 1e-30,
-    clip_threshold: Optional[float] = None,
+    clipping_threshold: Optional[float] = None,
     weight_decay: float = 0.0,
-    weight_decay_mask: alias.MaskOrFn = None,
     mask: alias.MaskOrFn = None,
     *,
+    method_mask: alias.MaskOrFn = None,
     every: int = 200,
-    max_dim: int = 8192,
+    max_dim: Optional[int] = None,
     basis: str = 'eigh',
     carry: str = 'keep',
     views: matrix.ViewSpec = None,
@@ -884,7 +928,7 @@ def adafac_diag_pp(
     b1: momentum decay, or None (no first moment).
     b2: second-moment decay.
     eps: ε₁ added to G² (float32).
-    clip_threshold: update clipping threshold d (None = off).
+    clipping_threshold: update clipping threshold d (None = off).
     carry: "keep" (paper) or "rotate" the first moment (needs ``b1``).
     fallback_eps: Adam's ε on non-matrix leaves.
     {common_args}
@@ -895,8 +939,8 @@ def adafac_diag_pp(
     Nguyen et al., `Improving Adaptive Moment Optimization via
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
-  return _adafac_diag('two', learning_rate, b1, b2, eps, clip_threshold,
-                      weight_decay, weight_decay_mask, mask, every, max_dim,
+  return _adafac_diag('two', learning_rate, b1, b2, eps, clipping_threshold,
+                      weight_decay, mask, method_mask, every, max_dim,
                       basis, carry, views, precision, fallback_eps,
                       stack_leaves)
 
@@ -907,22 +951,22 @@ def hfac_diag(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-30,
-    clip_threshold: Optional[float] = 1.0,
+    clipping_threshold: Optional[float] = 1.0,
     weight_decay: float = 0.0,
-    weight_decay_mask: alias.MaskOrFn = None,
     mask: alias.MaskOrFn = None,
     *,
+    method_mask: alias.MaskOrFn = None,
     every: int = 200,
-    max_dim: int = 8192,
+    max_dim: Optional[int] = None,
     basis: str = 'eigh',
     views: matrix.ViewSpec = None,
     precision: Any = None,
     fallback_eps: float = 1e-8,
     stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""HfacDiag: H-Fac in the one-sided singular basis (ALGORITHMS.md §3).
+  r"""HfacDiag: H-Fac in the one-sided singular basis (docs/algorithms.md §3).
 
-  ``svd_rotation(scale_by_hfac(b1, b2, eps, clip_threshold), sides="one")`` on
+  ``svd_rotation(scale_by_hfac(b1, b2, eps, clipping_threshold), sides="one")`` on
   matrices, Adam (β1, β2, ``fallback_eps``) elsewhere. With
   ``basis="identity"`` it equals :func:`optax_fac.hfac`. Memory
   2(m + n) + min(m, n)² per matrix. H-Fac's momentum is factored, so there is
@@ -933,7 +977,7 @@ def hfac_diag(
     b1: momentum decay β1.
     b2: second-moment decay β2.
     eps: ε₁ added to G² (float32).
-    clip_threshold: d of the update clipping (None = off).
+    clipping_threshold: d of the update clipping (None = off).
     fallback_eps: Adam's ε on non-matrix leaves.
     {common_args}
   Returns:
@@ -945,11 +989,11 @@ def hfac_diag(
     Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
   """
   def inner(v):
-    return scale_by_hfac(b1, b2, eps, clip_threshold, views=v)
+    return scale_by_hfac(b1, b2, eps, clipping_threshold, views=v)
   return _rotated_named(
       inner, sides='one', every=every, max_dim=max_dim, basis=basis,
       carry='keep', precision=precision, views=views,
       stack_leaves=stack_leaves,
       learning_rate=learning_rate, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, mask=mask,
+      mask=mask, method_mask=method_mask,
       fallback=alias.adam_fallback(b1, b2, fallback_eps))

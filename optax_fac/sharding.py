@@ -502,6 +502,30 @@ def _mesh_from(params, mesh):
   return None
 
 
+def _abstract_state(tx, abstract, param_specs, mesh):
+  """``jax.eval_shape(tx.init, ...)`` as the real init would trace it.
+
+  On a mesh with Explicit axes, ``init`` under ``jax.set_mesh`` sees each
+  leaf's sharding (stacking groups same-shape leaves by it), so the params
+  are given their shardings and the init is traced under that mesh: the specs
+  then have exactly the structure of the real ``tx.init(params)``.
+  """
+  explicit = mesh is not None and any(
+      t == jax.sharding.AxisType.Explicit
+      for t in getattr(mesh, 'axis_types', ()))
+  if not explicit:
+    return jax.eval_shape(tx.init, abstract)
+  treedef = jax.tree.structure(abstract)
+  flat_specs = treedef.flatten_up_to(param_specs)
+  leaves = []
+  for x, spec in zip(jax.tree.leaves(abstract), flat_specs):
+    entries = _normalize_spec(spec, len(x.shape), 'param')
+    leaves.append(jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh, P(*entries))))
+  with jax.set_mesh(mesh):
+    return jax.eval_shape(tx.init, jax.tree.unflatten(treedef, leaves))
+
+
 def _walk(tx, params, param_specs, views, mesh, warn):
   _ensure_rules()
   if param_specs is None:
@@ -510,7 +534,7 @@ def _walk(tx, params, param_specs, views, mesh, warn):
   mesh_shape = dict(mesh.shape) if mesh is not None else None
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
-  state = jax.eval_shape(tx.init, abstract)
+  state = _abstract_state(tx, abstract, param_specs, mesh)
   views_tree = matrix.resolve_views(abstract, views, vectors=True)
   walker = _Walker(abstract, param_specs, views_tree, views is not None,
                    mesh_shape)

@@ -1,4 +1,4 @@
-"""SMMF: square-matricized, rank-1 compressed Adam moments (ALGORITHMS.md §4).
+"""SMMF: square-matricized, rank-1 compressed Adam moments (docs/algorithms.md §4).
 
 Every leaf (1-D and scalars included) is viewed as an (n1, n2) matrix by
 square-matricization (:func:`optax_fac.matrix.square_shape`); both moments are
@@ -340,40 +340,47 @@ def _kernel_group_step(members, lay: _Layout, fields, beta1, beta2, eps):
 
 def _check_decay_rate(decay_rate):
   v = _common._concrete(decay_rate)  # pylint: disable=protected-access
-  if v is not None and not -1.0 <= v <= 0.0:
-    raise ValueError(f'decay_rate must be in [-1, 0], got {decay_rate!r}.')
+  if v is not None and not 0.0 <= v <= 1.0:
+    raise ValueError(
+        f'decay_rate must be in [0, 1] (β2,t = 1 − t^(−decay_rate), as in '
+        f'optax.adafactor), got {decay_rate!r}.')
 
 
 def _check_static(vector_reshape, sign_bits, fused_kernel):
+  """Returns sign_bits as an int (None if traced: read from the state)."""
   for name, value in (('vector_reshape', vector_reshape),
                       ('fused_kernel', fused_kernel)):
     if not isinstance(value, (bool, np.bool_)):
-      raise ValueError(
-          f'{name} must be a bool, got {value!r} (make it a static arg of '
-          'optax.inject_hyperparams).')
-  if sign_bits not in _SIGN_BITS or isinstance(sign_bits, bool):
+      raise ValueError(f'{name} must be a bool, got {value!r}.')
+  bits = _common.structural_int('sign_bits', sign_bits, 1)
+  if bits is not None and bits not in _SIGN_BITS:
     raise ValueError(
-        f'sign_bits must be 1 (packed) or 8 (bool), got {sign_bits!r} (make '
-        'it a static arg of optax.inject_hyperparams).')
+        f'sign_bits must be 1 (packed) or 8 (bool), got {sign_bits!r}.')
+  return bits
+
+
+def _packed(m_sign) -> bool:
+  """Whether stored signs are packed bits (uint8) or one bool per element."""
+  return m_sign is not None and m_sign.dtype == jnp.uint8
 
 
 def scale_by_smmf(
     b1: Optional[float] = 0.9,
     eps: float = 1e-8,
     growth_rate: float = 0.999,
-    decay_rate: float = -0.5,
+    decay_rate: float = 0.5,
     vector_reshape: bool = True,
-    sign_bits: int = 1,
+    sign_bits: Optional[int] = None,
     *,
     views: matrix.ViewSpec = None,
     fused_kernel: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""SMMF direction (ALGORITHMS.md §4), faithful to the official code.
+  r"""SMMF direction (docs/algorithms.md §4), faithful to the official code.
 
   Each leaf of N elements is viewed as (n1, n2) =
   :func:`optax_fac.matrix.square_shape` (N) (row-major). At step t (t = 1
   first), with β1,t = β1·λ^(t−1) (λ = ``growth_rate``) and
-  β2,t = 1 − t^γ (γ = ``decay_rate``; β2,1 = 0, so V = G² at t = 1):
+  β2,t = 1 − t^(−c) (c = ``decay_rate``; β2,1 = 0, so V = G² at t = 1):
 
   1. decompress M̂ = (2S − 1) ⊙ r_M c_Mᵀ and V̂ = r_V c_Vᵀ (zero at t = 1);
   2. M = β1,t M̂ + (1 − β1,t) G;  V = β2,t V̂ + (1 − β2,t) G²;
@@ -392,15 +399,16 @@ def scale_by_smmf(
     b1: first-moment decay β1, or None to turn the first moment off.
     eps: ε added to sqrt(V).
     growth_rate: λ in β1,t = β1 λ^(t−1), in [0, 1].
-    decay_rate: γ in β2,t = 1 − t^γ, in [−1, 0] (the authors recommend −0.5
-      for CNNs, −0.8 for Transformers).
+    decay_rate: c in β2,t = 1 − t^(−c), in [0, 1], with the sign convention
+      of ``optax.adafactor``'s ``decay_rate`` (the official code writes
+      γ = −c; the authors recommend c = 0.5 for CNNs, 0.8 for Transformers).
     vector_reshape: square-matricize 1-D leaves too (default, official). If
       False, leaves that are 1-D after squeezing keep dense M and V with the
       same schedules (scalars are still factorized, as in the official code).
     sign_bits: 1 = signs packed 8 per byte (the paper's memory accounting);
-      8 = one bool per element (the official code's storage). Structural:
-      a static arg under ``optax.inject_hyperparams``, like
-      ``vector_reshape``.
+      8 = one bool per element (the official code's storage); None = 1.
+      Structural: ``update`` reads it from the state's sign dtype, so under
+      ``optax.inject_hyperparams`` only a jitted ``init`` needs it static.
     views: optional per-leaf :class:`optax_fac.MatrixView`; [decided] only its
       ``batch`` axes are used: each batch element (e.g. one layer of a
       stacked (L, in, out) leaf) is square-matricized separately, so a
@@ -426,7 +434,7 @@ def scale_by_smmf(
   _common.check_nonnegative('eps', eps)
   _common.check_unit_interval('growth_rate', growth_rate, closed=True)
   _check_decay_rate(decay_rate)
-  _check_static(vector_reshape, sign_bits, fused_kernel)
+  sign_bits = _check_static(vector_reshape, sign_bits, fused_kernel)
   momentum = b1 is not None
 
   def layouts(tree):
@@ -449,14 +457,15 @@ def scale_by_smmf(
               + (_replicated(v), v_col))
     if momentum:
       magnitude = _outer(m_row, m_col)
-      positive = (_unpack_signs(m_sign, lay) if sign_bits == 1 else m_sign)
+      packed = _packed(m_sign)
+      positive = _unpack_signs(m_sign, lay) if packed else m_sign
       m = beta1 * jnp.where(positive, magnitude, -magnitude) + (
           1.0 - beta1) * g_view
     v = beta2 * _outer(v_row, v_col) + (1.0 - beta2) * g_view * g_view
     d = (m if momentum else g_view) / (jnp.sqrt(v) + eps)
     if momentum:
       (m_row, m_col), (v_row, v_col) = _nnmf(jnp.abs(m), v)
-      m_sign = (_pack_signs(m > 0, lay) if sign_bits == 1 else m > 0)
+      m_sign = _pack_signs(m > 0, lay) if packed else m > 0
     else:
       m_row = m_col = m_sign = None
       ((v_row, v_col),) = _nnmf(v)
@@ -483,7 +492,13 @@ def scale_by_smmf(
     return m + v
 
   def init_fn(params):
+    if _common.is_params_placeholder(params):  # optax.tree_map_params
+      return SMMFState(_common.zero_count(), *([None if not momentum else
+                                                 _common.NOT_PARAMS] * 3),
+                       _common.NOT_PARAMS, _common.NOT_PARAMS)
     _common.check_float_params(params, 'scale_by_smmf')
+    if sign_bits is None:
+      raise _common.traced_structural_error(['sign_bits'], 'scale_by_smmf')
     return new_state(jax.tree.structure(params), _common.zero_count(),
                      [init_leaf(lay) for lay in layouts(params)])
 
@@ -493,7 +508,7 @@ def scale_by_smmf(
     beta1 = (jnp.asarray(b1, jnp.float32)
              * jnp.asarray(growth_rate, jnp.float32) ** (t - 1.0)
              if momentum else None)
-    beta2 = 1.0 - t ** jnp.asarray(decay_rate, jnp.float32)
+    beta2 = 1.0 - t ** -jnp.asarray(decay_rate, jnp.float32)
     return beta1, beta2
 
   def group_step(members, lay, fields, beta1, beta2):
@@ -507,7 +522,8 @@ def scale_by_smmf(
       d, *new = leaf_step(jnp.stack(members), lay, *fields, beta1, beta2)
       return [d[i] for i in range(len(members))], tuple(new)
 
-    if not (fused_kernel and _kernel_fits(lay, momentum, sign_bits)):
+    bits = 1 if (not momentum or _packed(fields[2])) else 8
+    if not (fused_kernel and _kernel_fits(lay, momentum, bits)):
       return arrays(members, fields)
 
     def kernel(members, fields):
@@ -605,19 +621,19 @@ def smmf(
     b1: Optional[float] = 0.9,
     eps: float = 1e-8,
     growth_rate: float = 0.999,
-    decay_rate: float = -0.5,
+    decay_rate: float = 0.5,
     weight_decay: float = 0.0,
     vector_reshape: bool = True,
-    sign_bits: int = 1,
-    weight_decay_mask: alias.MaskOrFn = None,
+    sign_bits: Optional[int] = None,
     mask: alias.MaskOrFn = None,
     *,
+    method_mask: alias.MaskOrFn = None,
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
     stack_leaves: bool = True,
     fused_kernel: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""SMMF (ALGORITHMS.md §4): square-matricized factored Adam moments.
+  r"""SMMF (docs/algorithms.md §4): square-matricized factored Adam moments.
 
   ``scale_by_smmf`` on every leaf, then decoupled weight decay and the
   learning rate: W ← W − η(D + λW), which is the official code's default
@@ -625,10 +641,10 @@ def smmf(
   official ``'adam'`` mode is a no-op bug and is not offered; for coupled
   decay chain ``optax.add_decayed_weights`` before ``scale_by_smmf``.
 
-  [decided] SMMF factorizes every leaf, so by default (``mask=None``) this is
+  [decided] SMMF factorizes every leaf, so by default (``method_mask=None``) this is
   just ``chain(scale_by_smmf, add_decayed_weights, scale_by_learning_rate)``
   with no fallback and no partition (``scale_by_smmf`` run on same-shape
-  leaves stacked, see ``stack_leaves``). A ``mask`` (bool tree or callable)
+  leaves stacked, see ``stack_leaves``). A ``method_mask`` (bool tree or callable)
   selects the leaves that get SMMF, 1-D leaves included; the others go to
   ``fallback`` (default Adam with β1 = ``b1`` (0.9 if None), β2 = 0.999,
   ε = ``eps``, float32 moments) through
@@ -643,12 +659,15 @@ def smmf(
     b1: first-moment decay β1, or None for no first moment.
     eps: ε in D = M / (sqrt(V) + ε).
     growth_rate: λ in β1,t = β1 λ^(t−1).
-    decay_rate: γ in β2,t = 1 − t^γ (−0.5 for CNNs, −0.8 for Transformers).
+    decay_rate: c in β2,t = 1 − t^(−c), in [0, 1] (0.5 for CNNs, 0.8 for
+      Transformers; the official code's γ = −c).
     weight_decay: λ_wd of the decoupled decay (>= 0).
     vector_reshape: square-matricize 1-D leaves too (else dense M, V there).
-    sign_bits: 1 = packed sign bits (default), 8 = bool signs. Structural.
-    weight_decay_mask: which leaves are decayed (optax.add_decayed_weights).
-    mask: which leaves get SMMF; None = all (no fallback).
+    sign_bits: 1 = packed sign bits (None: the default), 8 = bool signs.
+    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
+      prefix, or a function of the params); None = every leaf.
+    method_mask: which leaves get SMMF (1-D ones included); None = all (no
+      fallback).
     views: per-leaf :class:`optax_fac.MatrixView`; only batch axes are used
       (see :func:`scale_by_smmf`).
     fallback: transform for leaves outside ``mask``.
@@ -683,13 +702,13 @@ def smmf(
     return scale_by_smmf(b1, eps, growth_rate, decay_rate, vector_reshape,
                          sign_bits, views=v, fused_kernel=fused_kernel)
 
-  if mask is None:
+  if method_mask is None:
     method = alias.matrix_method(make, views, stack_leaves)
     return alias.checked(optax.chain(
         method,
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
-    ))
+    ), masks={'mask': mask}, views=views)
 
   def every_leaf_views(params):
     return matrix.resolve_views(params, views, vectors=True)
@@ -699,7 +718,7 @@ def smmf(
     fallback = alias.adam_fallback(0.9 if b1 is None else b1, 0.999, eps)
   return alias.named_optimizer(
       method, learning_rate=learning_rate, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, mask=mask, views=every_leaf_views,
+      mask=mask, method_mask=method_mask, views=every_leaf_views,
       fallback=fallback)
 
 

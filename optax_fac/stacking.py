@@ -33,12 +33,14 @@ sharded differently, e.g. column- and row-parallel layers of one shape).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from optax_fac import _common
 from optax_fac import matrix
 
 
@@ -121,6 +123,27 @@ def group_leaves(tree: Any, views: matrix.ViewSpec = None
   return groups, leaves
 
 
+def _mismatch_message(updates, groups: Groups, init_groups: Groups) -> str:
+  """Names the update leaves whose shape/dtype the state was not built for."""
+  def group_of(g: Groups):
+    out = {}
+    for key, idx in zip(g.keys, g.members):
+      for i in idx:
+        out[i] = key.split('_', 1)[1]   # '8x4_float32'
+    return out
+  got, want = group_of(groups), group_of(init_groups)
+  paths = [matrix.leaf_path_str(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)[0]]
+  bad = [f'{paths[i]} is {got.get(i)} (at init: {want.get(i)})'
+         for i in sorted(set(got) | set(want))
+         if got.get(i) != want.get(i) and i < len(paths)]
+  detail = '; '.join(bad[:5]) if bad else (
+      f'{len(paths)} update leaves, {init_groups.num_leaves} at init')
+  return ('optax_fac optimizer update: the updates do not match the params '
+          f'the state was built for: {detail}. Every update leaf must have its '
+          "parameter's shape and dtype.")
+
+
 def _stack_one(xs: list):
   if any(isinstance(x, jax.ShapeDtypeStruct) for x in xs):  # abstract init
     return jax.eval_shape(lambda *a: jnp.stack(a), *xs)
@@ -194,6 +217,9 @@ def stack_leaves(
     return optax.with_extra_args_support(make_inner(lambda _: stacked))
 
   def init_fn(params):
+    if _common.is_params_placeholder(params):
+      # optax.tree_map_params: the stacked state is not a copy of the params.
+      return _common.NOT_PARAMS
     groups, leaves = group_leaves(params, views)
     inner = inner_for(groups)
     return StackedState(inner.init(stack(groups, leaves)), groups)
@@ -201,10 +227,7 @@ def stack_leaves(
   def update_fn(updates, state, params=None, **extra_args):
     groups, leaves = group_leaves(updates, views)
     if groups != state.groups:
-      raise ValueError(
-          'stack_leaves: the updates do not group like the params seen at '
-          f'init (groups {groups.keys} vs {state.groups.keys}); the update '
-          'tree must have the same leaves, shapes and dtypes as the params.')
+      raise ValueError(_mismatch_message(updates, groups, state.groups))
     inner = inner_for(groups)
     update_members = getattr(inner.update, 'update_members', None)
     if update_members is not None:
@@ -231,4 +254,29 @@ def _register_sharding_rule():
   sharding.register_state_rule(StackedState, sharding._stacked_rule)  # pylint: disable=protected-access
 
 
+def _register_flax_serialization():
+  """Lets ``flax.serialization`` (msgpack, TrainState) store a StackedState.
+
+  The groups are static (the state built from the same params has them), so
+  only the inner state is serialized; restoring needs a target state, as
+  ``flax.serialization.from_bytes`` always does. flax is optional: nothing
+  is registered when it is not installed.
+  """
+  if importlib.util.find_spec('flax') is None:
+    return
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+
+  def to_state_dict(state):
+    return {'inner': serialization.to_state_dict(state.inner)}
+
+  def from_state_dict(target, state_dict):
+    return StackedState(
+        serialization.from_state_dict(target.inner, state_dict['inner'],
+                                      name='inner'), target.groups)
+
+  serialization.register_serialization_state(
+      StackedState, to_state_dict, from_state_dict, override=True)
+
+
 _register_sharding_rule()
+_register_flax_serialization()

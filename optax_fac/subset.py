@@ -1,4 +1,4 @@
-"""Subset-Norm step sizes and Subspace-Momentum (ALGORITHMS.md §5).
+"""Subset-Norm step sizes and Subspace-Momentum (docs/algorithms.md §5).
 
 Transforms:
 
@@ -73,6 +73,7 @@ SubsetSize = Union[str, int]
 _HEURISTIC = ('heuristic', 'heuristics')
 _RESETS = ('clean', 'faithful', 'none')
 _METHODS = ('svd', 'eigh')
+DEFAULT_RANK = 128
 
 
 # --------------------------------------------------------------------------
@@ -135,19 +136,34 @@ def _from_matrix(y: jax.Array, view: matrix.MatrixView, like: jax.Array
   return x
 
 
-def _check_subset_size(subset_size: Any) -> None:
+def _check_subset_size(subset_size: Any):
+  """'heuristic', a non-zero Python int, or None if traced (injected)."""
   if isinstance(subset_size, str):
     if subset_size not in _HEURISTIC:
       raise ValueError(
           "subset_size must be 'heuristic' or a non-zero int, got "
           f'{subset_size!r}.')
-    return
-  if (not isinstance(subset_size, int) or isinstance(subset_size, bool)
-      or subset_size == 0):
+    return subset_size
+  if _common.is_traced(subset_size):
+    return None
+  value = subset_size
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)) and (
+      np.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.integer)):
+    value = int(value)
+  if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+      or value == 0):
     raise ValueError(
         "subset_size must be 'heuristic' or a non-zero int, got "
-        f'{subset_size!r} (an int must be in static_args of '
-        'optax.inject_hyperparams).')
+        f'{subset_size!r}.')
+  return int(value)
+
+
+def _subset_size_from_state(nu, shape, view) -> int:
+  """k′ of a leaf's integer partition, read from its accumulator's shape."""
+  if tuple(nu.shape) == tuple(shape):
+    return 1
+  m, n = view.dims(shape)
+  return max(1, (m * n) // max(1, nu.shape[-1]))
 
 
 def subset_length(numel: int, subset_size: int) -> int:
@@ -232,7 +248,7 @@ def scale_by_subset_norm(
     momentum: Optional[optax.GradientTransformation] = None,
     views: matrix.ViewSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Subset-Norm adaptive step size (ALGORITHMS.md §5.1).
+  r"""Subset-Norm adaptive step size (docs/algorithms.md §5.1).
 
   One adaptive scalar per subset of coordinates. With u = the per-subset sum
   of G², v ← β2 v + (1 − β2) u (β2 < 1, "Adam-style") or v ← v + u (β2 = 1,
@@ -281,7 +297,7 @@ def scale_by_subset_norm(
   """
   _common.check_unit_interval('b2', b2, closed=True)
   _common.check_nonnegative('eps', eps)
-  _check_subset_size(subset_size)
+  subset_size = _check_subset_size(subset_size)
   inner = (None if momentum is None
            else optax.with_extra_args_support(momentum))
 
@@ -289,7 +305,18 @@ def scale_by_subset_norm(
     return _subset_norm_shape(u.shape, view, subset_size)
 
   def init_fn(params):
+    if _common.is_params_placeholder(params):  # optax.tree_map_params
+      # Element-wise accumulators (subset size 1) are param-shaped.
+      nu = (jax.tree.map(lambda x: x, params) if subset_size == 1
+            else _common.NOT_PARAMS)
+      return SubsetNormState(
+          count=_common.zero_count(), nu=nu,
+          momentum=(optax.EmptyState() if inner is None
+                    else inner.init(params)))
     _common.check_float_params(params, 'scale_by_subset_norm')
+    if subset_size is None:
+      raise _common.traced_structural_error(['subset_size'],
+                                            'scale_by_subset_norm')
     views_tree = matrix.resolve_views(params, views, vectors=True)
     (nu,) = _common.map_leaves(
         lambda p, view: (_common.zeros_like_result(
@@ -302,8 +329,9 @@ def scale_by_subset_norm(
 
   def update_fn(updates, state, params=None, **extra_args):
     views_tree = matrix.resolve_views(updates, views, vectors=True)
-    _common.check_same_structure(updates, state.nu, 'scale_by_subset_norm',
-                                 expected_shape, views_tree)
+    _common.check_same_structure(
+        updates, state.nu, 'scale_by_subset_norm',
+        expected_shape if subset_size is not None else None, views_tree)
     g32 = _as_f32(updates)
     if inner is None:
       numer, inner_state = g32, state.momentum
@@ -318,9 +346,11 @@ def scale_by_subset_norm(
       return jnp.where(beta2 == 1.0, nu + u, beta2 * nu + (1.0 - beta2) * u)
 
     def one(g, g32, num, nu, view):
-      nu = accumulate(nu, _subset_statistic(g32, view, subset_size))
+      k = (subset_size if subset_size is not None
+           else _subset_size_from_state(nu, g.shape, view))
+      nu = accumulate(nu, _subset_statistic(g32, view, k))
       den = jnp.sqrt(nu) + eps32
-      d = _divide_by_subsets(_common.f32(num), den, view, subset_size)
+      d = _divide_by_subsets(_common.f32(num), den, view, k)
       return d.astype(g.dtype), nu
 
     d, nu = _common.map_leaves(one, 2, updates, updates, g32, numer, state.nu,
@@ -367,7 +397,13 @@ def _fix_signs(vecs: jax.Array, axis: int) -> jax.Array:
 
 def _top_singular_vectors(g: jax.Array, r: int, left: bool, method: str,
                           precision) -> jax.Array:
-  """Top-r left (m, r) or right (r, n) singular vectors of (*batch, m, n) g."""
+  """Top-r left (m, r) or right (r, n) singular vectors of (*batch, m, n) g.
+
+  A zero-size matrix (r = 0) has an empty projector.
+  """
+  if r == 0 or g.size == 0:
+    m, n = g.shape[-2:]
+    return jnp.zeros(g.shape[:-2] + ((m, r) if left else (r, n)), g.dtype)
   if method == 'svd':
     u, _, vh = jnp.linalg.svd(g, full_matrices=False)
     vecs = u[..., :, :r] if left else vh[..., :r, :]
@@ -397,15 +433,15 @@ def _project_back(y, basis, left, precision):
 
 def scale_by_subspace_momentum(
     b1: float = 0.9,
-    rank: int = 128,
+    rank: Optional[int] = None,
     every: int = 200,
     reset: str = 'clean',
     *,
-    method: str = 'svd',
+    basis: str = 'svd',
     precision: Any = 'highest',
     views: matrix.ViewSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Subspace-Momentum (ALGORITHMS.md §5.2): momentum in a rank-r subspace.
+  r"""Subspace-Momentum (docs/algorithms.md §5.2): momentum in a rank-r subspace.
 
   The projector comes from the thin SVD (float32) of the current gradient,
   on the smaller side of the (m, n) view, r = min(rank, m, n):
@@ -435,7 +471,7 @@ def scale_by_subspace_momentum(
   [decided] Each singular vector's sign is chosen so that its
   largest-magnitude entry is positive (the code's SVD signs are arbitrary;
   this makes the result deterministic across backends). A non-finite
-  decomposition keeps the previous projector. ``method='eigh'`` computes the
+  decomposition keeps the previous projector. ``basis='eigh'`` computes the
   same subspace from the eigenvectors of the Gram matrix of the projected side
   (G Gᵀ or Gᵀ G), sorted by descending eigenvalue — usually much faster on
   accelerators.
@@ -449,10 +485,11 @@ def scale_by_subspace_momentum(
 
   Args:
     b1: momentum decay β1.
-    rank: subspace rank r (structural; clipped to min(m, n) per leaf).
-    every: refresh period T (structural).
+    rank: subspace rank r >= 1, clipped to min(m, n) per leaf; None = 128
+      (structural: ``update`` reads it from the state's shapes).
+    every: refresh period T >= 1 (may be injected; a traced int is fine).
     reset: ``'clean'``, ``'faithful'`` or ``'none'`` (see above).
-    method: ``'svd'`` (thin SVD, as the code) or ``'eigh'`` (Gram matrix).
+    basis: ``'svd'`` (thin SVD, as the code) or ``'eigh'`` (Gram matrix).
     precision: matmul precision of the projections (``'highest'`` = true
       float32, as PyTorch's default; ``'default'`` allows TF32/bf16 passes).
     views: per-leaf :class:`optax_fac.MatrixView` override.
@@ -465,18 +502,33 @@ def scale_by_subspace_momentum(
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
   """
   _common.check_unit_interval('b1', b1)
-  _common.check_positive_int('rank', rank)
-  _common.check_positive_int('every', every)
+  rank = _common.structural_int('rank', rank, DEFAULT_RANK,
+                                where='scale_by_subspace_momentum: ')
+  _common.check_dynamic_int('every', every, 'scale_by_subspace_momentum: ')
   if reset not in _RESETS:
     raise ValueError(f'reset must be one of {_RESETS}, got {reset!r}.')
-  if method not in _METHODS:
-    raise ValueError(f'method must be one of {_METHODS}, got {method!r}.')
+  if basis not in _METHODS:
+    raise ValueError(f'basis must be one of {_METHODS}, got {basis!r}.')
+  method = basis
 
-  def mu_shape(u, view):
-    return _subspace_dims(u.shape, view, rank)[2]
+  def leaf_rank(projector) -> int:
+    """r of a leaf: ``rank``, or (when ``rank`` is traced) the state's."""
+    if rank is not None:
+      return rank
+    return int(min(projector.shape[-2:]))
+
+  def projector_shape(u, view):
+    return _subspace_dims(u.shape, view, rank)[3]
 
   def init_fn(params):
+    if _common.is_params_placeholder(params):  # optax.tree_map_params
+      return SubspaceMomentumState(count=_common.zero_count(),
+                                   mu=_common.NOT_PARAMS,
+                                   projector=_common.NOT_PARAMS)
     _common.check_float_params(params, 'scale_by_subspace_momentum')
+    if rank is None:
+      raise _common.traced_structural_error(['rank'],
+                                            'scale_by_subspace_momentum')
     views_tree = matrix.resolve_views(params, views, vectors=True)
 
     def one(p, view):
@@ -498,9 +550,9 @@ def scale_by_subspace_momentum(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     views_tree = matrix.resolve_views(updates, views, vectors=True)
-    _common.check_same_structure(updates, state.mu,
-                                 'scale_by_subspace_momentum', mu_shape,
-                                 views_tree)
+    _common.check_same_structure(
+        updates, state.projector, 'scale_by_subspace_momentum',
+        projector_shape if rank is not None else None, views_tree)
     count = _common.increment(state.count)
     refresh = (count == 1) | (count % every == 0)
     reset_now = refresh & (count > 1)
@@ -513,7 +565,7 @@ def scale_by_subspace_momentum(
       mats, old = operands
 
       def one(g, p_old, u, view):
-        left, r, _, _ = _subspace_dims(u.shape, view, rank)
+        left, r, _, _ = _subspace_dims(u.shape, view, leaf_rank(p_old))
         p = _top_singular_vectors(g, r, left, method, precision)
         ok = jnp.all(jnp.isfinite(p), axis=(-2, -1), keepdims=True)
         return (jnp.where(ok, p, p_old),)
@@ -525,7 +577,7 @@ def scale_by_subspace_momentum(
                              (mats, state.projector))
 
     def one(u, g, mu, p, view):
-      left, _, _, _ = _subspace_dims(u.shape, view, rank)
+      left, _, _, _ = _subspace_dims(u.shape, view, leaf_rank(p))
       proj = _project(g, p, left, precision)
       if reset == 'clean':
         mu = jnp.where(reset_now, 0.0, mu)
@@ -557,7 +609,7 @@ def scale_by_bias_correction(
     b1: float = 0.9,
     b2: float = 0.999,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Multiplies updates by sqrt(1 − β2^t) / (1 − β1^t) (ALGORITHMS.md §5.3).
+  r"""Multiplies updates by sqrt(1 − β2^t) / (1 − β1^t) (docs/algorithms.md §5.3).
 
   The official code's Adam-style step-size correction,
   s_t = η sqrt(1 − β2^t)/(1 − β1^t), applied to the whole numerator
@@ -597,7 +649,7 @@ def add_decayed_updated_weights(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     mask: alias.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Decoupled weight decay of the *updated* weights (ALGORITHMS.md §5.3).
+  r"""Decoupled weight decay of the *updated* weights (docs/algorithms.md §5.3).
 
   Goes **after** ``optax.scale_by_learning_rate``: given the signed step
   Δ = −s_t N/den, it returns Δ − η_t λ (W + Δ), so that
@@ -666,28 +718,27 @@ def _direction(momentum, b1, b2, eps, subset_size, bias_correction, views):
 
 
 def _sn_optimizer(method, fallback, *, learning_rate, weight_decay,
-                  weight_decay_mask, mask, views):
+                  mask, method_mask, views):
   """partition(method | fallback) -> -η_t -> decay of the updated weights."""
   _common.check_nonnegative('learning_rate', learning_rate)
   _common.check_nonnegative('weight_decay', weight_decay)
-  return optax.chain(
+  return alias.checked(optax.chain(
       optax.partition({alias.METHOD: method, alias.FALLBACK: fallback},
-                      alias.method_labels(mask, views)),
+                      alias.method_labels(method_mask, views)),
       optax.scale_by_learning_rate(learning_rate),
-      add_decayed_updated_weights(weight_decay, learning_rate,
-                                  weight_decay_mask),
-  )
+      add_decayed_updated_weights(weight_decay, learning_rate, mask),
+  ), masks={'mask': mask, 'method_mask': method_mask}, views=views)
 
 
 _NAMED_DOC = """
-  Matrix leaves (every ndim >= 2 leaf selected by ``mask``, seen through
+  Matrix leaves (every ndim >= 2 leaf selected by ``method_mask``, seen through
   ``views``) get the method; every other leaf (biases, norm scales,
   masked-out matrices such as an embedding) gets ``fallback``, by default the
   same rule with element-wise statistics, exactly as the official code treats
   its "regular" parameter group (one optimizer, one learning rate).
   Weight decay acts on the updated weights (see
   :func:`add_decayed_updated_weights`) on the leaves selected by
-  ``weight_decay_mask``. A custom ``fallback`` must be a complete scale-only
+  ``mask`` (the weight-decay mask, as in ``optax.adamw``). A custom ``fallback`` must be a complete scale-only
   direction (e.g. :func:`optax_fac.adam_fallback`); the learning rate and the
   decay are applied after it.
 """
@@ -699,14 +750,14 @@ def adam_sn(
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: alias.MaskOrFn = None,
     mask: alias.MaskOrFn = None,
     *,
+    method_mask: alias.MaskOrFn = None,
     subset_size: SubsetSize = 'heuristic',
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""AdamSN (ALGORITHMS.md §5.3): Adam momentum over a Subset-Norm step size.
+  r"""AdamSN (docs/algorithms.md §5.3): Adam momentum over a Subset-Norm step size.
 
   N = EMA_β1(G) (full momentum, mn values), den = sqrt(v) + ε with v the
   subset-norm accumulator (§5.1, β2), W ← W − s_t N/den with
@@ -721,8 +772,10 @@ def adam_sn(
     b2: second-moment decay β2 (< 1).
     eps: ε added to the denominator.
     weight_decay: λ of the decay of the updated weights.
-    weight_decay_mask: which leaves are decayed (None = all).
-    mask: which leaves get the method (None = every matrix leaf).
+    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
+      prefix, or a function of the params); None = all.
+    method_mask: which leaves get the method (same forms); None = every
+      matrix leaf.
     subset_size: ``'heuristic'`` or an int (see
       :func:`scale_by_subset_norm`; structural).
     views: per-leaf :class:`optax_fac.MatrixView` override.
@@ -749,8 +802,7 @@ def adam_sn(
     fallback = _direction(_ema(b1), b1, b2, eps, 1, True, views)
   return _sn_optimizer(method, fallback, learning_rate=learning_rate,
                        weight_decay=weight_decay,
-                       weight_decay_mask=weight_decay_mask, mask=mask,
-                       views=views)
+                       mask=mask, method_mask=method_mask, views=views)
 
 
 def adam_snsm(
@@ -759,18 +811,18 @@ def adam_snsm(
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: alias.MaskOrFn = None,
     mask: alias.MaskOrFn = None,
     *,
+    method_mask: alias.MaskOrFn = None,
     subset_size: SubsetSize = 'heuristic',
-    rank: int = 128,
+    rank: Optional[int] = None,
     every: int = 200,
     reset: str = 'clean',
-    method: str = 'svd',
+    basis: str = 'svd',
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""AdamSNSM (ALGORITHMS.md §5.3): Subspace-Momentum over Subset-Norm.
+  r"""AdamSNSM (docs/algorithms.md §5.3): Subspace-Momentum over Subset-Norm.
 
   N = subspace momentum (§5.2: rank r, refresh every T steps, ``reset``),
   den = subset norm (§5.1), W ← W − s_t N/den with
@@ -786,13 +838,17 @@ def adam_snsm(
     b2: second-moment decay β2 (< 1).
     eps: ε added to the denominator.
     weight_decay: λ of the decay of the updated weights.
-    weight_decay_mask: which leaves are decayed (None = all).
-    mask: which leaves get the method (None = every matrix leaf).
+    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
+      prefix, or a function of the params); None = all.
+    method_mask: which leaves get the method (same forms); None = every
+      matrix leaf.
     subset_size: ``'heuristic'`` or an int (structural).
-    rank: subspace rank r (structural, clipped to min(m, n)).
-    every: refresh period T (structural).
+    rank: subspace rank r >= 1, clipped to min(m, n); None = 128
+      (structural: decides the state's shapes).
+    every: refresh period T >= 1 (may be injected; a traced int is fine).
     reset: momentum at a refresh, ``'clean'`` | ``'faithful'`` | ``'none'``.
-    method: projector computation, ``'svd'`` or ``'eigh'``.
+    basis: projector computation, ``'svd'`` or ``'eigh'`` (as
+      :func:`optax_fac.svd_rotation`'s ``basis``).
     views: per-leaf :class:`optax_fac.MatrixView` override.
     fallback: transform for non-matrix leaves (default: see above).
 
@@ -804,15 +860,14 @@ def adam_snsm(
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
   """
   _common.check_unit_interval('b2', b2)
-  sm = scale_by_subspace_momentum(b1, rank, every, reset, method=method,
+  sm = scale_by_subspace_momentum(b1, rank, every, reset, basis=basis,
                                   views=views)
   method_tx = _direction(sm, b1, b2, eps, subset_size, True, views)
   if fallback is None:
     fallback = _direction(_ema(b1), b1, b2, eps, 1, True, views)
   return _sn_optimizer(method_tx, fallback, learning_rate=learning_rate,
                        weight_decay=weight_decay,
-                       weight_decay_mask=weight_decay_mask, mask=mask,
-                       views=views)
+                       mask=mask, method_mask=method_mask, views=views)
 
 
 def rmsprop_sn(
@@ -820,14 +875,14 @@ def rmsprop_sn(
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: alias.MaskOrFn = None,
     mask: alias.MaskOrFn = None,
     *,
+    method_mask: alias.MaskOrFn = None,
     subset_size: SubsetSize = 'heuristic',
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""RMSpropSN (ALGORITHMS.md §5.3): no momentum, Subset-Norm step size.
+  r"""RMSpropSN (docs/algorithms.md §5.3): no momentum, Subset-Norm step size.
 
   W ← W − η_t G/den (β1 = 0, no bias correction), then W ← W − η_t λ W.
   The default fallback is RMSprop (β2, ε, element-wise), as in the code.
@@ -838,8 +893,10 @@ def rmsprop_sn(
     b2: second-moment decay β2 (< 1).
     eps: ε added to the denominator.
     weight_decay: λ of the decay of the updated weights.
-    weight_decay_mask: which leaves are decayed (None = all).
-    mask: which leaves get the method (None = every matrix leaf).
+    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
+      prefix, or a function of the params); None = all.
+    method_mask: which leaves get the method (same forms); None = every
+      matrix leaf.
     subset_size: ``'heuristic'`` or an int (structural).
     views: per-leaf :class:`optax_fac.MatrixView` override.
     fallback: transform for non-matrix leaves (default: see above).
@@ -857,8 +914,7 @@ def rmsprop_sn(
     fallback = _direction(None, 0.0, b2, eps, 1, False, views)
   return _sn_optimizer(method, fallback, learning_rate=learning_rate,
                        weight_decay=weight_decay,
-                       weight_decay_mask=weight_decay_mask, mask=mask,
-                       views=views)
+                       mask=mask, method_mask=method_mask, views=views)
 
 
 def adagrad_sn(
@@ -866,14 +922,14 @@ def adagrad_sn(
     b1: float = 0.9,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: alias.MaskOrFn = None,
     mask: alias.MaskOrFn = None,
     *,
+    method_mask: alias.MaskOrFn = None,
     subset_size: SubsetSize = 'heuristic',
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""AdaGradSN (ALGORITHMS.md §5.3): EMA momentum, Subset-Norm running sum.
+  r"""AdaGradSN (docs/algorithms.md §5.3): EMA momentum, Subset-Norm running sum.
 
   N = EMA_β1(G) (not bias corrected), den = sqrt(Σ_t u_t) + ε with u the
   per-subset sum of G² (β2 = 1), W ← W − η_t N/den, then W ← W − η_t λ W.
@@ -885,8 +941,10 @@ def adagrad_sn(
     b1: momentum decay β1 (0 = no momentum, but the buffer is still kept).
     eps: ε added to the denominator.
     weight_decay: λ of the decay of the updated weights.
-    weight_decay_mask: which leaves are decayed (None = all).
-    mask: which leaves get the method (None = every matrix leaf).
+    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
+      prefix, or a function of the params); None = all.
+    method_mask: which leaves get the method (same forms); None = every
+      matrix leaf.
     subset_size: ``'heuristic'`` or an int (structural).
     views: per-leaf :class:`optax_fac.MatrixView` override.
     fallback: transform for non-matrix leaves (default: see above).
@@ -898,13 +956,13 @@ def adagrad_sn(
     Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
   """
+  _common.check_unit_interval('b1', b1)
   method = _direction(_ema(b1), b1, 1.0, eps, subset_size, False, views)
   if fallback is None:
     fallback = _direction(_ema(b1), b1, 1.0, eps, 1, False, views)
   return _sn_optimizer(method, fallback, learning_rate=learning_rate,
                        weight_decay=weight_decay,
-                       weight_decay_mask=weight_decay_mask, mask=mask,
-                       views=views)
+                       mask=mask, method_mask=method_mask, views=views)
 
 
 for _f in (adam_sn, adam_snsm, rmsprop_sn, adagrad_sn):

@@ -94,7 +94,7 @@ def optimizers(lr, part):
                                               precision='highest'),
                             'non-refresh, full-f32 matmuls'),
         'adadiag_paper_mask': (optax_fac.adadiag(lr, every=NEVER,
-                                                 mask=not_embedding),
+                                                 method_mask=not_embedding),
                                'non-refresh, embedding/head on Adam'),
         'adadiag_svd_refresh': (optax_fac.adadiag(lr, every=1, basis='svd'),
                                 'refresh step, basis="svd"'),
@@ -279,16 +279,16 @@ def memory_optimizers(lr=1e-3):
   m = not_embedding
   return {
       'adam': optax.adamw(lr),
-      'adadiag': optax_fac.adadiag(lr, mask=m),
-      'adadiag_pp': optax_fac.adadiag_pp(lr, mask=m),
+      'adadiag': optax_fac.adadiag(lr, method_mask=m),
+      'adadiag_pp': optax_fac.adadiag_pp(lr, method_mask=m),
       'adafactor_no_momentum': optax_fac.named_optimizer(
-          optax_fac.scale_by_factored_rms(b1=None), learning_rate=lr, mask=m,
+          optax_fac.scale_by_factored_rms(b1=None), learning_rate=lr, method_mask=m,
           fallback=optax_fac.scale_in_float32(optax.scale_by_rms())),
-      'adafactor_momentum': optax_fac.adafactor_momentum(lr, mask=m),
-      'adafac_diag_no_momentum': optax_fac.adafac_diag(lr, b1=None, mask=m),
-      'adafac_diag': optax_fac.adafac_diag(lr, mask=m),
-      'hfac': optax_fac.hfac(lr, mask=m),
-      'hfac_diag': optax_fac.hfac_diag(lr, mask=m),
+      'adafactor_momentum': optax_fac.adafactor_momentum(lr, method_mask=m),
+      'adafac_diag_no_momentum': optax_fac.adafac_diag(lr, b1=None, method_mask=m),
+      'adafac_diag': optax_fac.adafac_diag(lr, method_mask=m),
+      'hfac': optax_fac.hfac(lr, method_mask=m),
+      'hfac_diag': optax_fac.hfac_diag(lr, method_mask=m),
   }
 
 

@@ -1,9 +1,9 @@
-"""Contract cases for the AdaDiag family (ALGORITHMS.md §3, optax_fac.rotation)."""
+"""Contract cases for the AdaDiag family (docs/algorithms.md §3, optax_fac.rotation)."""
 
 import optax_fac
 from contract import Case
 
-_STATIC = ('every', 'max_dim', 'basis')
+_STATIC = ()  # no structural int is set: nothing needs static_args
 
 CASES = [
     Case('adadiag', optax_fac.adadiag, dict(learning_rate=3e-2),

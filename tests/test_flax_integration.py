@@ -167,7 +167,7 @@ def _make(name, stacked=True):
   if not stacked:
     return fn(learning_rate=LR)
   try:
-    return fn(learning_rate=LR, views=layer_views, mask=layer_mask)
+    return fn(learning_rate=LR, views=layer_views, method_mask=layer_mask)
   except TypeError:  # SMMF: its own (square) view of every leaf, no views
     return fn(learning_rate=LR)
 
@@ -213,7 +213,7 @@ def test_nnx_optimizer_with_every_named_optimizer():
 
 def test_nnx_stacked_kernel_gets_per_layer_statistics():
   model = Scanned(nnx.Rngs(0))
-  tx = optax_fac.hfac(learning_rate=LR, views=layer_views, mask=layer_mask,
+  tx = optax_fac.hfac(learning_rate=LR, views=layer_views, method_mask=layer_mask,
                       stack_leaves=False)
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
   hstate = opt.opt_state[0].inner_states['method'].inner_state

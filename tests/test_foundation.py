@@ -98,11 +98,11 @@ LR, WD = 1e-2, 0.1
 NAMED = [
     ('hfac', optax_fac.hfac, ref.hfac_step, {},
      dict(b1=0.9, b2=0.999)),
-    ('hfac_noclip', functools.partial(optax_fac.hfac, clip_threshold=None,
+    ('hfac_noclip', functools.partial(optax_fac.hfac, clipping_threshold=None,
                                       b1=0.8, b2=0.95),
      functools.partial(ref.hfac_step, b1=0.8, b2=0.95, d=None), {},
      dict(b1=0.8, b2=0.95)),
-    ('hfac_clip_0.5', functools.partial(optax_fac.hfac, clip_threshold=0.5),
+    ('hfac_clip_0.5', functools.partial(optax_fac.hfac, clipping_threshold=0.5),
      functools.partial(ref.hfac_step, d=0.5), {}, dict(b1=0.9, b2=0.999)),
     ('sign_fsgd', optax_fac.sign_fsgd, ref.sign_fsgd_step, {},
      dict(b1=0.9, b2=0.999)),
@@ -113,7 +113,7 @@ NAMED = [
      dict(b1=0.9, b2=0.999)),
     ('adafactor_no_momentum',
      functools.partial(optax_fac.adafactor_momentum, b1=None,
-                       clip_threshold=1.0),
+                       clipping_threshold=1.0),
      functools.partial(ref.factored_rms_step, b1=None, d=1.0), {},
      dict(b1=0.9, b2=0.999)),
 ]

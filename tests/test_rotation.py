@@ -484,7 +484,7 @@ def test_state_sizes_llama60m(make, per_matrix, paper_mask):
       want += per_matrix(*leaf.shape)
     else:
       want += 2 * int(np.prod(leaf.shape))   # the Adam fallback
-  tx = make(learning_rate=1e-3, mask=not_embedding if paper_mask else None)
+  tx = make(learning_rate=1e-3, method_mask=not_embedding if paper_mask else None)
   assert optax_fac.state_elements(tx, tree) == want
 
 
@@ -502,15 +502,15 @@ def memory_table_optimizers():
   m = not_embedding
   return {
       'adam': optax.adamw(lr),
-      'adadiag': optax_fac.adadiag(lr, mask=m),
-      'adadiag_pp': optax_fac.adadiag_pp(lr, mask=m),
+      'adadiag': optax_fac.adadiag(lr, method_mask=m),
+      'adadiag_pp': optax_fac.adadiag_pp(lr, method_mask=m),
       # Adafactor without momentum: the embedding keeps Adam's second moment
       # only (no momentum anywhere).
       'adafactor_no_momentum': optax_fac.named_optimizer(
-          optax_fac.scale_by_factored_rms(b1=None), learning_rate=lr, mask=m,
+          optax_fac.scale_by_factored_rms(b1=None), learning_rate=lr, method_mask=m,
           fallback=optax_fac.scale_in_float32(optax.scale_by_rms())),
-      'hfac': optax_fac.hfac(lr, mask=m),
-      'hfac_diag': optax_fac.hfac_diag(lr, mask=m),
+      'hfac': optax_fac.hfac(lr, method_mask=m),
+      'hfac_diag': optax_fac.hfac_diag(lr, method_mask=m),
   }
 
 

@@ -54,6 +54,14 @@ def test_square_shape_matches_official_rule():
 # A float64 NumPy transcription of §4 (the official code, step by step).
 
 
+def _official_kwargs(kwargs):
+  """Our arguments in the official code's terms (its γ = −decay_rate)."""
+  out = {k: v for k, v in kwargs.items() if k != 'sign_bits'}
+  if 'decay_rate' in out:
+    out['decay_rate'] = -out['decay_rate']
+  return out
+
+
 class Float64SMMF:
   """The official SMMF.step in float64 NumPy, one parameter list."""
 
@@ -158,9 +166,9 @@ CONFIGS = {
     'packed_wd': dict(sign_bits=1, weight_decay=0.1),
     'bool_wd': dict(sign_bits=8, weight_decay=0.1),
     'no_momentum_dense_vectors': dict(b1=None, vector_reshape=False,
-                                      decay_rate=-0.8, weight_decay=0.05),
+                                      decay_rate=0.8, weight_decay=0.05),
     'dense_vectors_other_schedules': dict(b1=0.8, growth_rate=0.99,
-                                          decay_rate=-0.8,
+                                          decay_rate=0.8,
                                           vector_reshape=False),
 }
 
@@ -169,7 +177,7 @@ CONFIGS = {
 def test_matches_float64_transcription(name):
   kwargs = CONFIGS[name]
   params, grads = _problem()
-  ref_kwargs = {k: v for k, v in kwargs.items() if k != 'sign_bits'}
+  ref_kwargs = _official_kwargs(kwargs)
   ref = Float64SMMF(params, LR, **ref_kwargs)
   want = [ref.step([g[t] for g in grads]) for t in range(STEPS)]
   got = _run_jax(optax_fac.smmf(LR, **kwargs), params, grads)
@@ -254,7 +262,7 @@ def test_batch_axes_act_like_separate_leaves():
 def test_mask_sends_other_leaves_to_adam():
   params = {'w': jnp.ones((4, 6)), 'b': jnp.ones((6,)), 'e': jnp.ones((5, 3))}
   mask = {'w': True, 'b': True, 'e': False}
-  tx = optax_fac.smmf(1e-2, mask=mask, stack_leaves=False)
+  tx = optax_fac.smmf(1e-2, method_mask=mask, stack_leaves=False)
   state = tx.init(params)
   inner = state[0].inner_states
   smmf_state = inner['method'].inner_state
@@ -269,7 +277,7 @@ def test_mask_sends_other_leaves_to_adam():
 @pytest.mark.parametrize('kwargs, name', [
     (dict(b1=1.5), 'b1'), (dict(eps=-1.0), 'eps'),
     (dict(growth_rate=1.5), 'growth_rate'),
-    (dict(decay_rate=0.5), 'decay_rate'), (dict(decay_rate=-2.0), 'decay_rate'),
+    (dict(decay_rate=-0.5), 'decay_rate'), (dict(decay_rate=2.0), 'decay_rate'),
     (dict(sign_bits=4), 'sign_bits'), (dict(vector_reshape=1), 'vector_reshape'),
     (dict(weight_decay=-0.1), 'weight_decay'),
 ])
@@ -419,7 +427,7 @@ STACK_CONFIGS = {
     'packed_wd': dict(weight_decay=0.1),
     'no_momentum_dense_vectors': dict(b1=None, vector_reshape=False,
                                       weight_decay=0.05),
-    'masked': dict(mask=lambda p: {k: k not in ('w2', 'b1') for k in p}),
+    'masked': dict(method_mask=lambda p: {k: k not in ('w2', 'b1') for k in p}),
 }
 
 
@@ -466,7 +474,7 @@ def test_stacked_matches_unstacked(name):
   stacked = [x for x in stacked if isinstance(x, optax_fac.StackedState)]
   assert len(stacked) == 1
   v_rows = {x.shape for x in jax.tree.leaves(stacked[0].inner.v_row)}
-  n_w = 2 if 'mask' in kwargs else 3                 # w2 masked out
+  n_w = 2 if 'method_mask' in kwargs else 3                 # w2 masked out
   assert (n_w, 6) in v_rows                          # 24 -> (6, 4)
   # Same total state size, element for element.
   assert (optax_fac.state_size(tx_stack, params)
@@ -645,7 +653,7 @@ def test_kernel_calls_split_large_groups(kernel_everywhere, monkeypatch):
 KERNEL_CONFIGS = {
     'packed': dict(),
     'packed_wd_stacked_off': dict(weight_decay=0.1, stack_leaves=False),
-    'no_momentum': dict(b1=None, decay_rate=-0.8),
+    'no_momentum': dict(b1=None, decay_rate=0.8),
     'other_schedules': dict(b1=0.8, growth_rate=0.99, eps=1e-6),
 }
 
@@ -660,7 +668,7 @@ def test_kernel_path_matches_float64_transcription(name, kernel_everywhere):
            * rng.uniform(0.1, 3.0, size=(steps,) + (1,) * len(s))
            for s in KERNEL_SHAPES]
   grads[0][0, 0] = 0.0
-  ref_kwargs = {k: v for k, v in kwargs.items() if k != 'stack_leaves'}
+  ref_kwargs = _official_kwargs({k: v for k, v in kwargs.items() if k != 'stack_leaves'})
   ref = Float64SMMF(params, LR, **ref_kwargs)
   want = [ref.step([g[t] for g in grads]) for t in range(steps)]
   got = _run_jax(optax_fac.smmf(LR, **kwargs), params, grads)

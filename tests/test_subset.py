@@ -192,7 +192,7 @@ def test_adam_snsm_matches_code(reset):
 
 
 def test_adam_snsm_eigh_matches_code():
-  _compare(optax_fac.adam_snsm(LR, rank=2, every=3, method='eigh'),
+  _compare(optax_fac.adam_snsm(LR, rank=2, every=3, basis='eigh'),
            RefGenericOptim(LR, (0.9, 0.999), 1e-6, 0.0, True, 'sm', rank=2,
                            gap=3, reset='clean'))
 
@@ -318,8 +318,8 @@ def test_bad_arguments_are_named():
     optax_fac.adam_snsm(1e-2, every=1.5)
   with pytest.raises(ValueError, match='b2'):
     optax_fac.adam_sn(1e-2, b2=1.0)
-  with pytest.raises(ValueError, match='method'):
-    optax_fac.adam_snsm(1e-2, method='qr')
+  with pytest.raises(ValueError, match='basis'):
+    optax_fac.adam_snsm(1e-2, basis='qr')
 
 
 def test_subset_length():
@@ -380,9 +380,9 @@ def test_llama_1b_published_memory():
   params = llama_1b_params()
   gib = lambda b: round(b / 2 ** 30, 2)
   adam = optax_fac.state_size(optax.adam(1e-3), params, dtype_bytes=2)
-  sn = optax_fac.state_size(optax_fac.adam_sn(1e-2, mask=_not_embedding),
+  sn = optax_fac.state_size(optax_fac.adam_sn(1e-2, method_mask=_not_embedding),
                             params, dtype_bytes=2)
-  snsm_tx = optax_fac.adam_snsm(1e-2, rank=512, mask=_not_embedding)
+  snsm_tx = optax_fac.adam_snsm(1e-2, rank=512, method_mask=_not_embedding)
   snsm = optax_fac.state_size(snsm_tx, params, dtype_bytes=2)
   shapes = optax_fac.state_shapes(snsm_tx, params)
   projectors = [

@@ -8,14 +8,14 @@ checked against the optimizer's signature, so a typo in
 
 Masks are built from parameter *names* (flattened paths ``a/b/kernel``,
 matched with ``re.search``), which survive layer stacking unlike shape-based
-masks (../shared/ECOSYSTEM.md §3.6):
+masks:
 
 * ``method_exclude``: leaves that an optax_fac optimizer must leave to its
   fallback (Adam) — the papers' LLaMA recipes exclude the token embedding
-  and the LM head. Passed as the optimizer's ``mask``; ignored by optax's own
-  optimizers (they are the baselines and treat every leaf alike).
-* ``weight_decay_exclude``: leaves without weight decay (passed as
-  ``weight_decay_mask`` or, for optax's AdamW/Lion/..., ``mask``).
+  and the LM head. Passed as the optimizer's ``method_mask``; ignored by
+  optax's own optimizers (they are the baselines and treat every leaf alike).
+* ``weight_decay_exclude``: leaves without weight decay (passed as ``mask``,
+  which means the weight-decay mask in optax_fac as in optax.adamw).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def make_optimizer(
     weight_decay: decoupled weight decay (must be 0 for optimizers without a
       ``weight_decay`` argument).
     method_exclude: name patterns of leaves an optax_fac optimizer leaves to
-      its fallback (its ``mask`` argument).
+      its fallback (its ``method_mask`` argument).
     weight_decay_exclude: name patterns of leaves without weight decay.
     grad_clip: if set, ``optax.clip_by_global_norm(grad_clip)`` first.
     **kwargs: further keyword arguments of the optimizer (``b1``, ...).
@@ -146,18 +146,16 @@ def make_optimizer(
     kwargs['weight_decay'] = weight_decay
     if weight_decay_exclude:
       wd_mask = name_mask(weight_decay_exclude)
-      if 'weight_decay_mask' in accepted:
-        kwargs['weight_decay_mask'] = wd_mask
-      elif module == 'optax' and 'mask' in accepted:
-        kwargs['mask'] = wd_mask  # optax.adamw / lion / lamb: decay mask
+      if 'mask' in accepted:
+        kwargs['mask'] = wd_mask  # the weight-decay mask, as in optax.adamw
       else:
         raise ValueError(f'Optimizer {name!r} ({module}) takes no weight-decay '
                          'mask; set weight_decay_exclude=().')
   if method_exclude and module == 'optax_fac':
-    if 'mask' not in accepted:
-      raise ValueError(f'Optimizer {name!r} takes no mask; set '
+    if 'method_mask' not in accepted:
+      raise ValueError(f'Optimizer {name!r} takes no method_mask; set '
                        'method_exclude=().')
-    kwargs['mask'] = name_mask(method_exclude)
+    kwargs['method_mask'] = name_mask(method_exclude)
   tx = factory(learning_rate=learning_rate, **kwargs)
   if grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)

@@ -1,0 +1,181 @@
+"""Canonical orthonormal bases from eigh / SVD (the rotation family, §3).
+
+One decomposition helper, :func:`canonical_basis`, turns the output of a
+decomposition (eigenvectors of G Gᵀ or Gᵀ G with eigenvalues sorted
+descending, or singular vectors with σ²) into a full k×k orthonormal basis
+that depends only on G, not on the method, the backend or the device count:
+
+* **kept block**: the vectors whose eigenvalue λ = σ² is above the rank
+  tolerance (:func:`rank_rtol`) come from the decomposition, with the sign
+  convention of docs/algorithms.md §3 (largest-magnitude entry positive);
+* **completion**: the remaining columns (the null space of a non-square
+  matrix's longer side, and the numerically zero singular values of a
+  rank-deficient G), which eigh and SVD choose arbitrarily, are replaced by
+  a canonical orthonormal basis of the orthogonal complement of the kept
+  vectors, determined by their span only (:func:`complete_basis`).
+
+Everything is batched over leading axes, jit-able and shape-static (the
+tolerance rank is data-dependent: columns are masked, never sliced).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# A completion pivot is the first standard basis vector (in index order)
+# whose residual squared norm is at least this fraction of the largest one.
+# Irrational on purpose: structured gradients (zero rows, equal rows, one-hot
+# columns) give residuals that are 0, 1 or rational multiples of each other,
+# so no such input sits on the decision boundary, where float32 roundoff
+# would pick different pivots for eigh and SVD. It also bounds every pivot's
+# residual below by sqrt(PIVOT_FRACTION / k), so Gram-Schmidt stays well
+# conditioned.
+PIVOT_FRACTION = math.exp(-1.0)
+
+
+def fix_signs(vecs: jax.Array) -> jax.Array:
+  """Flips each column so that its largest-magnitude entry is positive.
+
+  The sign convention of docs/algorithms.md §3 [decided]: deterministic bases
+  across backends, and consecutive refreshes do not flip stale momentum.
+  """
+  idx = jnp.argmax(jnp.abs(vecs), axis=-2)
+  pivot = jnp.take_along_axis(vecs, idx[..., None, :], axis=-2)
+  return vecs * jnp.where(pivot < 0, -1.0, 1.0).astype(vecs.dtype)
+
+
+def eigh_descending(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eigenvalues (..., k) and eigenvectors (..., k, k) of symmetric matrices,
+  eigenvalues descending."""
+  vals, vecs = jnp.linalg.eigh(gram)
+  return vals[..., ::-1], vecs[..., ::-1]
+
+
+def svd_vectors(mats: jax.Array, full_matrices: bool = False):
+  """Left singular vectors, singular values and right singular vectors (as
+  columns) of (..., m, n) matrices, singular values descending."""
+  u, s, vh = jnp.linalg.svd(mats, full_matrices=full_matrices)
+  return u, s, jnp.swapaxes(vh, -1, -2)
+
+
+def rank_rtol(m: int, n: int, dtype: Any = jnp.float32) -> float:
+  """Relative tolerance on λ = σ² below which a direction is numerically null.
+
+  λ_i counts as nonzero iff λ_i > max(m, n) · eps(dtype) · λ_max, i.e.
+  σ_i > sqrt(max(m, n) · eps) · σ_max (about 1.2e-3 · σ_max for a float32
+  12×5 matrix). Why in λ, not σ: the eigh path computes λ from the Gram
+  matrix, whose float32 rounding alone is of order max(m, n) · eps · σ_max²
+  (γ_n |G||G|ᵀ), and the eigensolver adds c · eps · λ_max; so a zero
+  singular value comes out of eigh as |λ| up to about that size (measured on
+  CPU: at most 0.11 · the tolerance for shapes from 5×12 to 512×1376), and
+  singular directions below that level cannot be resolved by eigh at all.
+  The SVD path applies the same test to its σ², so both methods keep the
+  same vectors. This is ``numpy.linalg.matrix_rank``'s rule
+  (σ_max · max(m, n) · eps) moved to the Gram matrix.
+  """
+  return max(m, n) * float(jnp.finfo(dtype).eps)
+
+
+def scale_to_unit_max(x: jax.Array, axes) -> jax.Array:
+  """x / max|x| over ``axes`` (per remaining index); zeros stay zero.
+
+  Eigen- and singular vectors are scale-invariant; this keeps the Gram
+  matrices of gradients of any finite scale (e.g. 1e18) finite in float32.
+  A non-finite x stays non-finite (so the caller's finiteness check fails).
+  """
+  s = jnp.max(jnp.abs(x), axis=tuple(axes), keepdims=True)
+  return x / jnp.where(s > 0, s, jnp.ones_like(s))
+
+
+# Matrix-vector products as multiply-and-sum: full float32 on every backend
+# (no TF32 dot), and much quicker for XLA to compile than small dots.
+
+
+def _mv(a, x):
+  """a (B, k, c) @ x (B, c) -> (B, k)."""
+  return jnp.sum(a * x[:, None, :], axis=2)
+
+
+def _tmv(a, x):
+  """a (B, k, c)ᵀ @ x (B, k) -> (B, c)."""
+  return jnp.sum(a * x[:, :, None], axis=1)
+
+
+def complete_basis(kept: jax.Array, rank: jax.Array) -> jax.Array:
+  """Canonical orthonormal completion of the first ``rank`` columns.
+
+  Args:
+    kept: (..., k, k); columns ``< rank`` orthonormal, the others zero.
+    rank: (...,) int, the number of kept columns.
+
+  Returns:
+    (..., k, k): the kept columns, then (columns rank, ..., k − 1) an
+    orthonormal basis of their orthogonal complement that depends only on
+    their span: pivoted Gram–Schmidt of the projected identity (I − U Uᵀ)
+    e_j. Column p takes the first j (in index order) whose residual
+    1 − ‖B[j, :]‖² (B: the columns so far) is at least PIVOT_FRACTION of the
+    largest; its vector is (I − B Bᵀ) e_j (orthogonalized twice), normalized,
+    with a positive entry j. ``rank = 0`` (a zero gradient) gives the
+    identity.
+  """
+  batch = kept.shape[:-2]
+  k = kept.shape[-1]
+  b = kept.reshape((-1, k, k))
+  rank = jnp.broadcast_to(rank, batch).reshape((-1,))
+  dtype = b.dtype
+
+  def residual(b):
+    return 1.0 - jnp.sum(b * b, axis=-1)
+
+  def body(p, carry):
+    b, res = carry
+    active = p >= rank                                       # (B,)
+    best = jnp.max(res, axis=-1, keepdims=True)
+    j = jnp.argmax(res >= PIVOT_FRACTION * best, axis=-1)    # first such j
+    e = (lax.broadcasted_iota(jnp.int32, res.shape, 1)
+         == j[:, None]).astype(dtype)                         # e_j, (B, k)
+    v = e - _mv(b, _tmv(b, e))
+    v = v - _mv(b, _tmv(b, v))
+    # v_j ≈ res_j ≥ PIVOT_FRACTION · max(res) ≥ PIVOT_FRACTION / k > 0 (the
+    # residual projector has trace k − p ≥ 1): no sign flip needed.
+    v = v * lax.rsqrt(jnp.sum(v * v, axis=-1, keepdims=True))
+    b = b.at[:, :, p].set(jnp.where(active[:, None], v, b[:, :, p]))
+    return b, jnp.where(active[:, None], residual(b), res)
+
+  start = jnp.min(rank, initial=k) if rank.size else k
+  b, _ = lax.fori_loop(start, k, body, (b, residual(b)))
+  return b.reshape(batch + (k, k))
+
+
+def canonical_basis(vecs: jax.Array, values: jax.Array, rtol: Any
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Full canonical orthonormal basis from a decomposition.
+
+  Args:
+    vecs: (..., k, c), c ≤ k orthonormal columns (eigenvectors of the Gram
+      matrix, or the reduced singular vectors of one side).
+    values: (..., c) their eigenvalues λ = σ², sorted descending.
+    rtol: relative tolerance on λ (scalar or (...,)), see :func:`rank_rtol`.
+
+  Returns:
+    ``(basis, rank)``: (..., k, k) with the ``rank`` columns of λ > rtol ·
+    λ_max sign-fixed (:func:`fix_signs`) first, then the canonical
+    completion (:func:`complete_basis`); and the (...,) int32 rank.
+  """
+  k, c = vecs.shape[-2:]
+  top = jnp.max(values, axis=-1, keepdims=True)
+  rtol = jnp.asarray(rtol, values.dtype)
+  rtol = rtol[..., None] if rtol.ndim else rtol
+  keep = values > rtol * top        # False for λ_max = 0 and for NaN
+  keep = jnp.cumsum(~keep, axis=-1) == 0  # a prefix
+  rank = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+  kept = jnp.where(keep[..., None, :], fix_signs(vecs), jnp.zeros((), vecs.dtype))
+  if c < k:
+    pad = [(0, 0)] * (kept.ndim - 1) + [(0, k - c)]
+    kept = jnp.pad(kept, pad)
+  return complete_basis(kept, rank), rank
