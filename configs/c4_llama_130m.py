@@ -1,6 +1,6 @@
 """LLaMA-130M on C4 (20K steps); the recipe of configs/c4_llama_60m.py.
 
-Published validation perplexity (../shared/ALGORITHMS.md §6): Adam 24.55,
+Published validation perplexity (docs/algorithms.md §6): Adam 24.55,
 AdaDiag 22.40.
 """
 

@@ -1,6 +1,6 @@
 """LLaMA-350M on C4 (60K steps); the recipe of configs/c4_llama_60m.py.
 
-Published validation perplexity (../shared/ALGORITHMS.md §6): Adam 18.79,
+Published validation perplexity (docs/algorithms.md §6): Adam 18.79,
 AdaDiag 16.91.
 """
 

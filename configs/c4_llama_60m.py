@@ -1,6 +1,6 @@
 """LLaMA-60M on C4: the H-Fac / AdaDiag / Subset-Norm pre-training recipe.
 
-../shared/ALGORITHMS.md §6 (GaLore's setup): sequences of 256 tokens, batch
+docs/algorithms.md §6 (GaLore's setup): sequences of 256 tokens, batch
 512, 10K steps, linear warmup over 10% of the steps then cosine decay to 10%
 of the peak, learning rate chosen from {3e-3, 1e-3, 3e-4, 1e-4}, no weight
 decay, the token embedding and LM head excluded from the method (they keep

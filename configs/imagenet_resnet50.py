@@ -1,6 +1,6 @@
 """ResNet-50 on ImageNet-1k: 90 epochs, batch 1024, cosine decay.
 
-../shared/ALGORITHMS.md §6 (published top-1: AdamW 75.61, AdaDiag 75.85,
+docs/algorithms.md §6 (published top-1: AdamW 75.61, AdaDiag 75.85,
 Hfac 75.90). Inception-style crop + horizontal flip at 224², center crop
 (224/0.875) for evaluation. [decided] where the papers are silent: 5 warmup
 epochs (``warmup_fraction`` 5/90), label smoothing 0.1, weight decay 0.05 on

@@ -1,6 +1,6 @@
 """ViT-B/32 on ImageNet-1k; the recipe of configs/imagenet_vit_s16.py.
 
-Published top-1 (../shared/ALGORITHMS.md §6): AdamW 72.20, AdaDiag 73.39,
+Published top-1 (docs/algorithms.md §6): AdamW 72.20, AdaDiag 73.39,
 Hfac 71.87.
 """
 

@@ -1,6 +1,6 @@
 """ViT-S/16 on ImageNet-1k: 300 epochs, batch 4096, 10k warmup + linear decay.
 
-../shared/ALGORITHMS.md §6 (published top-1: AdamW 78.35, AdaDiag 79.18,
+docs/algorithms.md §6 (published top-1: AdamW 78.35, AdaDiag 79.18,
 Hfac 77.20), with the AugReg "medium" augmentation the papers name:
 RandAugment(2, 15) and mixup (α = 0.5), Inception crop + flip at 224².
 [decided] where the papers are silent: peak learning rate 1e-3, weight decay

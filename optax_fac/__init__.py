@@ -1,7 +1,7 @@
 """optax_fac: memory-efficient and preconditioned optimizers for Optax.
 
 Composable ``scale_by_*`` transforms and named optimizers (see README.md and
-ALGORITHMS.md for the math of each).
+docs/algorithms.md for the math of each).
 """
 
 from optax_fac.accumulation import MultiSteps

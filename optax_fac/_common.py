@@ -116,7 +116,7 @@ def row_stat_shape(leaf, view) -> tuple:
 
 
 # --------------------------------------------------------------------------
-# Decays and counters (ALGORITHMS.md notation).
+# Decays and counters (docs/algorithms.md notation).
 
 
 def time_corrected_decay(beta: Any, count: jax.Array) -> jax.Array:

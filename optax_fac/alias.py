@@ -18,7 +18,6 @@ same-shape leaves stacked into one array per group (:mod:`optax_fac.stacking`),
 which gives the same updates with a few kernels per group instead of per leaf.
 """
 
-from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union
 

@@ -1,4 +1,4 @@
-"""How a parameter leaf is seen as a matrix (ALGORITHMS.md §0).
+"""How a parameter leaf is seen as a matrix (docs/algorithms.md §0).
 
 This module is the one place that knows about axes, reshapes, batch axes and
 square-matricization. Every transform in the library goes through it.
@@ -258,7 +258,7 @@ def resolve_views(params: Any, views: ViewSpec = None, *,
 
 
 def square_shape(n: int) -> tuple[int, int]:
-  """SMMF's square-matricization (ALGORITHMS.md §4) of a leaf of ``n`` elements.
+  """SMMF's square-matricization (docs/algorithms.md §4) of a leaf of ``n`` elements.
 
   Returns (n1, n2) with n2 the largest divisor of n not above isqrt(n) and
   n1 = n // n2 (so n1 >= n2). Examples: 512 -> (32, 16), 7 -> (7, 1),

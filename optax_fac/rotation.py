@@ -24,7 +24,6 @@ References:
   Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import math
@@ -283,11 +282,42 @@ def _all_finite(x):
   return jnp.all(jnp.isfinite(x), axis=(-2, -1))
 
 
+def _per_matrix(y, x, plan: _Plan):
+  """A leaf-rank statistic with size-1 row and column axes -> (B,)."""
+  v = plan.view
+  perm = v.batch + v.rows + v.cols
+  y = y if perm == tuple(range(y.ndim)) else jnp.transpose(y, perm)
+  return _reshape(y, (plan.nbatch,), lambda: _flat_batch_spec(x, plan))
+
+
 def _unit_max(x, plan: _Plan):
-  """G / max|G| per matrix (per batch element): eigen- and singular vectors
-  are scale-invariant, and the Gram matrix of a 1e18-scale gradient would
-  overflow float32. A zero matrix stays zero (its basis is the identity)."""
-  return linalg.scale_to_unit_max(x, plan.view.rows + plan.view.cols)
+  """(G / max|G|, max|G| as (B,)) per matrix (per batch element): eigen- and
+  singular vectors are scale-invariant, and the Gram matrix of a 1e18-scale
+  gradient would overflow float32. A zero matrix stays zero (its basis is
+  the identity)."""
+  axes = plan.view.rows + plan.view.cols
+  scale = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+  return linalg.scale_to_unit_max(x, axes), _per_matrix(scale, x, plan)
+
+
+def _rotated_bound(x, plan: _Plan, side: str):
+  """A one-sided rotation maps each column (left) or row (right) of G by an
+  orthogonal matrix, so max ‖column‖² (‖row‖²) of the scaled G bounds the
+  squares of the rotated gradient's entries, in any basis: (B,)."""
+  v = plan.view
+  along, across = (v.rows, v.cols) if side == 'left' else (v.cols, v.rows)
+  sq = jnp.max(jnp.sum(x * x, axis=along, keepdims=True), axis=across,
+               keepdims=True)
+  return _per_matrix(sq, x, plan)
+
+
+def _squares_finite(scale, bound):
+  """(scale² · bound) representable: the inner statistics (Adam's G̃²) of
+  the rotated gradient stay finite. A refresh that fails this keeps the
+  previous basis, as a non-finite one does (two-sided, bound = σ_max² of the
+  scaled G: at a refresh the rotated gradient is diag(σ))."""
+  big = math.sqrt(float(jnp.finfo(scale.dtype).max))
+  return scale * jnp.sqrt(jnp.maximum(bound, 0.0)) <= big
 
 
 def _rtol(plan: _Plan, dtype) -> float:
@@ -303,56 +333,70 @@ def _new_bases(xs, plans, basis):
   decomposition of G / max|G|: the vectors of λ = σ² above the leaf's rank
   tolerance, sign-fixed, then the canonical completion of their span (the
   null block of a non-square side, numerically zero singular values), so
-  that "eigh" and "svd" give the same basis.
+  that "eigh" and "svd" give the same basis. 'ok' is False where the
+  decomposition is not finite, or where the rotated gradient's squares
+  would overflow (:func:`_squares_finite`).
   """
   out = {}
+
+  def bound(x, plan, side):  # None: two-sided, σ_max² from the decomposition
+    return None if plan.left and plan.right else _rotated_bound(x, plan, side)
+
   if basis == 'eigh':
     groups: dict = {}
     for i, (x, plan) in enumerate(zip(xs, plans)):
       if not plan.rotated:
         continue
-      x = _unit_max(x, plan)
+      x, scale = _unit_max(x, plan)
       for side in ('left', 'right'):
         if getattr(plan, side):
           groups.setdefault(plan.side_dim(side), []).append(
-              ((i, side), _gram(x, plan, side), _rtol(plan, x.dtype)))
+              ((i, side), _gram(x, plan, side), _rtol(plan, x.dtype), scale,
+               bound(x, plan, side)))
     for items in groups.values():
-      grams = [g for _, g, _ in items]
+      grams = [it[1] for it in items]
       stacked = grams[0] if len(grams) == 1 else jnp.concatenate(grams, 0)
-      rtols = {r for _, _, r in items}
+      rtols = {it[2] for it in items}
       rtol = (rtols.pop() if len(rtols) == 1 else np.concatenate(
-          [np.full(g.shape[0], r, stacked.dtype) for _, g, r in items]))
+          [np.full(g.shape[0], r, stacked.dtype) for _, g, r, _, _ in items]))
       lam, vecs = eigh_descending(stacked)
       vecs, _ = linalg.canonical_basis(vecs, lam, rtol)
       ok = _all_finite(vecs) & _all_finite(stacked)
+      top = jnp.max(lam, axis=-1)
       start = 0
-      for key, g, _ in items:
+      for key, g, _, scale, bnd in items:
         stop = start + g.shape[0]
-        out[key] = (vecs[start:stop], ok[start:stop])
+        bnd = top[start:stop] if bnd is None else bnd
+        out[key] = (vecs[start:stop],
+                    ok[start:stop] & _squares_finite(scale, bnd))
         start = stop
   else:  # 'svd'
     groups = {}
     for i, (x, plan) in enumerate(zip(xs, plans)):
       if plan.rotated:
+        x, scale = _unit_max(x, plan)
         groups.setdefault((plan.m, plan.n), []).append(
-            (i, _as_matrix(_unit_max(x, plan), plan)))
+            (i, _as_matrix(x, plan), scale,
+             {side: bound(x, plan, side) for side in ('left', 'right')
+              if getattr(plan, side)}))
     for items in groups.values():
-      mats = [a for _, a in items]
+      mats = [it[1] for it in items]
       stacked = mats[0] if len(mats) == 1 else jnp.concatenate(mats, 0)
       u, s, v = svd_vectors(stacked, False)
       lam, rtol = s * s, _rtol(plans[items[0][0]], stacked.dtype)
       ok = _all_finite(stacked)
       sides = {}
       for side, vecs in (('left', u), ('right', v)):
-        if any(getattr(plans[i], side) for i, _ in items):
+        if any(getattr(plans[i], side) for i, *_ in items):
           sides[side], _ = linalg.canonical_basis(vecs, lam, rtol)
           ok = ok & _all_finite(sides[side])
       start = 0
-      for i, a in items:
+      for i, a, scale, bounds in items:
         stop = start + a.shape[0]
-        for side, vecs in sides.items():
-          if getattr(plans[i], side):
-            out[(i, side)] = (vecs[start:stop], ok[start:stop])
+        for side, bnd in bounds.items():
+          bnd = lam[start:stop, 0] if bnd is None else bnd
+          out[(i, side)] = (sides[side][start:stop],
+                            ok[start:stop] & _squares_finite(scale, bnd))
         start = stop
   return out
 

@@ -1,9 +1,10 @@
 """Partition specs for optimizer state, derived from the parameters' specs.
 
-``optax.tree_map_params`` copies a parameter's spec onto every state leaf that
-"belongs" to it. That is wrong for factored state: a ``(256,)`` row statistic
-of a ``(256, 512)`` kernel sharded ``P('data', 'model')`` would get the 2-D
-spec ``P('data', 'model')`` (../shared/ECOSYSTEM.md §1.9). :func:`state_partition_specs`
+``optax.tree_map_params`` maps a function over the param-shaped parts of a
+state only (in this library the factored statistics, bases, SMMF factors and
+stacked groups are left as they are), so it cannot give a ``(256,)`` row
+statistic of a ``(256, 512)`` kernel sharded ``P('data', 'model')`` a spec of
+its own. :func:`state_partition_specs`
 walks the state of ``tx.init(params)`` instead and gives every array a spec of
 its own rank:
 

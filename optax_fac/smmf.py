@@ -2,7 +2,8 @@
 
 Every leaf (1-D and scalars included) is viewed as an (n1, n2) matrix by
 square-matricization (:func:`optax_fac.matrix.square_shape`); both moments are
-kept only as rank-1 non-negative factors (row and column sums), plus one sign
+kept only as rank-1 non-negative factors (row and column statistics, stored
+as means: see the [decided] deviation below), plus one sign
 bit per element for the first moment. Each step decompresses the moments,
 updates them with the current gradient, computes the update from the
 uncompressed moments and compresses them again. The dense M and V of a step
@@ -15,13 +16,28 @@ normalised by its sum only when the sum is nonzero, an exact 0 counted as a
 negative sign, the ``vector_reshape`` rule on squeezed 1-D leaves, decoupled
 weight decay W ← W − ηλW.
 
+[decided] One deviation, in storage only: the factors are stored as row
+MEANS r̄ = A 1 / n2 and column means normalised to MEAN 1,
+c̄ = (1ᵀA / n1) / mean_j(1ᵀA / n1), not the official row sums r = A 1 and
+columns normalised to sum 1, c = 1ᵀA / 1ᵀA1 (the division skipped when the
+total is 0, as the official code skips it when the sum is 0). Then
+r̄ c̄ᵀ = r cᵀ in exact arithmetic, so the decompressed moments and the update
+D are the official ones up to float32 rounding; but every reduction is a sum
+of pre-scaled terms (A/n2, A/n1), in the array code and in the GPU kernel, so
+no intermediate exceeds max A. The official sums overflow float32 once a
+row (or column) sum exceeds 3.4e38: a gradient of scale 1e18 (V = G² ≈ 1e36, n2 >= ~340)
+made r = inf, c = inf/inf = NaN and every later step NaN, where Adam's state
+stays finite up to |G| ≈ 1.8e19 (G² overflows; the dense
+``vector_reshape=False`` path has no reduction and shares that limit).
+The reconstruction r̄ c̄ᵀ itself is the official one: like it, it can exceed
+max A (by up to a factor n2 for a very uneven A).
+
 References:
   Park & Lee, `SMMF: Square-Matricized Momentum Factorization for
   Memory-Efficient Optimization <https://arxiv.org/abs/2412.08894>`_,
   AAAI 2025. Official code: https://github.com/eai-lab/SMMF.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import math
@@ -50,6 +66,14 @@ class SMMFState(NamedTuple):
   * ``m_sign``: the signs [M > 0], packed (B, ceil(N/8)) uint8 for
     ``sign_bits=1`` or (B, n1, n2) bool for ``sign_bits=8``;
   * ``v_row`` (B, n1), ``v_col`` (B, n2): float32 factors of V.
+
+  [decided] A ``*_row`` factor holds the row MEANS A 1 / n2 of its matrix A
+  (|M| or V) and a ``*_col`` factor its column means normalised to MEAN 1
+  (1ᵀA / n1 divided by their mean; left as they are, all 0, when that mean
+  is 0), not the official row sums and columns of sum 1: overflow-safe
+  storage with the same reconstruction Â = row colᵀ = the official r cᵀ
+  (module docstring). To get the official factors: r = n2 · row,
+  c = col / n2.
 
   A leaf kept dense (``vector_reshape=False`` and a 1-D leaf) stores M in
   ``m_row`` and V in ``v_row``, shape (B, N), and empty (B, 0) arrays in
@@ -240,23 +264,41 @@ def _unpack_signs(packed, lay: _Layout):
 def _nnmf(*mats):
   """Rank-1 NNMF of non-negative (*batch, n1, n2) matrices, n1 >= n2.
 
-  Returns, per matrix, the row sums r and the column sums c / sum(c). The
-  division is skipped when the sum is 0 (official code): then c = 0 already,
-  and dividing by 1 instead leaves it 0 with no 0/0.
+  Returns, per matrix A, the row means r̄ = A 1 / n2 and the column means
+  normalised to mean 1, c̄ = (1ᵀA / n1) / mean(1ᵀA / n1): r̄ c̄ᵀ is the
+  official r cᵀ (r = A 1, c = 1ᵀA / 1ᵀA1) in exact arithmetic. The division
+  is skipped when the mean is 0 (official code: when the sum is 0): then
+  c̄ = 0 already, and dividing by 1 instead leaves it 0 with no 0/0.
+
+  [decided] Overflow-safe: every reduction is a sum of terms pre-scaled by
+  1/n2 (rows) or 1/n1 (columns), so no intermediate exceeds max A; the
+  official sums overflow float32 for V = G² ≈ 1e36 (|G| ≈ 1e18) over
+  n2 >= ~340 entries, where Adam's state is still finite (module docstring).
 
   The matrices of one leaf (|M| and V) are normalised together, so each leaf
   costs one tiny reduction and one tiny elementwise kernel for both; the
   barrier keeps XLA from rewriting sum(sum(a, -2)) as an extra full pass over
   the (n1, n2) temporary.
   """
-  rows = [jnp.sum(a, axis=-1) for a in mats]
-  cols = _normalised(jnp.stack([jnp.sum(a, axis=-2) for a in mats]))
+  rows = [jnp.sum(a * _inverse(a.shape[-1]), axis=-1) for a in mats]
+  cols = _normalised(jnp.stack([jnp.sum(a * _inverse(a.shape[-2]), axis=-2)
+                                for a in mats]))
   return [(r, cols[i]) for i, r in enumerate(rows)]
 
 
+def _inverse(n: int) -> float:
+  """1/n, the pre-scaling of a mean over n terms (1 for an empty axis)."""
+  return 1.0 / max(n, 1)
+
+
 def _normalised(cols):
-  """Column sums divided by their sum (over the last axis), unless it is 0."""
-  total = jnp.sum(jax.lax.optimization_barrier(cols), axis=-1, keepdims=True)
+  """Column means divided by their mean (over the last axis), unless it is 0.
+
+  The mean is a sum of pre-scaled terms (cols / n2), so it never exceeds
+  max(cols): overflow-safe (see :func:`_nnmf`).
+  """
+  scaled = jax.lax.optimization_barrier(cols) * _inverse(cols.shape[-1])
+  total = jnp.sum(scaled, axis=-1, keepdims=True)
   return cols / jnp.where(total == 0, 1.0, total)
 
 
@@ -325,7 +367,9 @@ def _kernel_group_step(members, lay: _Layout, fields, beta1, beta2, eps):
     if momentum:
       signs = out[2]
     partials.append(out[:2] + out[3:])
-  # (v rows, v cols[, m rows, m cols]) of the members, summed over tiles.
+  # (v rows, v cols[, m rows, m cols]) of the members: row means and column
+  # means, the tiles' partial sums of pre-scaled terms (A/n2, A/n1) summed
+  # over tiles, so no intermediate exceeds max A (overflow-safe, as _nnmf).
   sums = [jnp.sum(jnp.concatenate([p[k] for p in partials]), axis=1)
           for k in range(len(partials[0]))]
   if not momentum:
@@ -389,6 +433,13 @@ def scale_by_smmf(
      skipped when the sum is 0);
   4. D = M / (sqrt(V) + ε) from the **uncompressed** M and V, reshaped back
      (D = G / (sqrt(V) + ε) with ``b1=None``).
+
+  [decided] Deviation in storage only: the state holds r̄ = r / n2 (row
+  means) and c̄ = n2 c (columns of mean 1), computed as sums of pre-scaled
+  terms so that no intermediate exceeds max A; r̄ c̄ᵀ = r cᵀ, so D is the
+  official one up to float32 rounding, but the statistics stay finite where
+  the official float32 sums overflow (e.g. |G| ≈ 1e18: V ≈ 1e36 summed over
+  n2 >= ~340 entries) and Adam's state does not (module docstring).
 
   No bias correction. The dense M and V exist only inside a step; the state
   is 2(n1 + n2) float32 values and ceil(N/8) bytes per leaf (``sign_bits=1``)

@@ -1,9 +1,9 @@
 """One-pass SMMF step as a Pallas (Triton) kernel for NVIDIA GPUs.
 
-The SMMF step of one (n1, n2) square view (ALGORITHMS.md §4, steps 2-6) needs
+The SMMF step of one (n1, n2) square view (docs/algorithms.md §4, steps 2-6) needs
 the gradient once: decompressing M̂ and V̂ needs only the stored factors and
 sign bits, the update D comes from this step's uncompressed M and V, and the
-new factors are row and column sums of |M| and V. Written as array code, XLA
+new factors are row and column means of |M| and V. Written as array code, XLA
 splits it into several passes over the (n1, n2) temporaries (a row
 reduction, a column reduction, the sign packing and the update each re-read
 the gradient), so on an H100 the step moved 1.7x Adam's bytes.
@@ -11,10 +11,12 @@ the gradient), so on an H100 the step moved 1.7x Adam's bytes.
 :func:`smmf_group_step` does the whole step in one pass over tiles of the
 view: each program reads a (bm, bn) tile of G and its (bm, bn/8) bytes of
 packed signs, writes the tile of D and the new sign bytes, and writes the
-tile's row sums and column sums of |M| and V as partial sums; the caller adds
-the partials (arrays N/bn and N/bm long) to get the new factors. Bytes per
-step: read G, write D, read + write N/8 sign bytes and the partials, against
-reading and writing p, g, m and v for Adam.
+tile's row and column sums of |M| and V, pre-scaled by 1/n2 and 1/n1, as
+partial means (overflow-safe: no partial exceeds the largest entry; see
+:mod:`optax_fac.smmf`); the caller adds the partials (arrays N/bn and N/bm
+long) to get the new factors. Bytes per step: read G, write D, read + write
+N/8 sign bytes and the partials, against reading and writing p, g, m and v
+for Adam.
 
 One call serves a group of same-shape leaves (the layers of a model): the
 grid's first axis is the member, each member's gradient and update are
@@ -69,12 +71,16 @@ def tiling(n1: int, n2: int) -> Optional[tuple[int, int]]:
   return bm, bn
 
 
-def _kernel(*refs, members: int, momentum: bool):
+def _kernel(*refs, members: int, momentum: bool, row_scale: float,
+            col_scale: float):
   """One (bm, bn) tile of member ``program_id(0)``; refs squeezed to tiles.
 
   refs: scalars (β1,t, β2,t, ε, 0), g of each member, v_row, v_col[, signs,
   m_row, m_col] (inputs), then d of each member, v_rows, v_cols[, signs,
-  m_rows, m_cols] (outputs).
+  m_rows, m_cols] (outputs). The partial sums are of terms pre-scaled by
+  ``row_scale`` = 1/n2 (rows) and ``col_scale`` = 1/n1 (columns): partial
+  means, which never exceed the tile's largest entry (overflow-safe, as
+  :func:`optax_fac.smmf._nnmf`).
   """
   n_in = 1 + members + 2 + (3 if momentum else 0)
   ins, outs = refs[:n_in], refs[n_in:]
@@ -91,8 +97,8 @@ def _kernel(*refs, members: int, momentum: bool):
   eps = scalars_ref[2]
   v = (beta2 * (v_row_ref[...][:, None] * v_col_ref[...][None, :])
        + (1.0 - beta2) * g * g)
-  v_rows_ref[...] = jnp.sum(v, axis=1)
-  v_cols_ref[...] = jnp.sum(v, axis=0)
+  v_rows_ref[...] = jnp.sum(v * row_scale, axis=1)
+  v_cols_ref[...] = jnp.sum(v * col_scale, axis=0)
   if momentum:
     sign_ref, m_row_ref, m_col_ref = ins[3 + members:]
     sign_out_ref, m_rows_ref, m_cols_ref = outs[members + 2:]
@@ -107,8 +113,8 @@ def _kernel(*refs, members: int, momentum: bool):
     bits = jnp.where(m > 0, 1, 0).reshape(bm, bn // 8, 8) << shifts
     sign_out_ref[...] = jnp.sum(bits, axis=2).astype(jnp.uint8)
     a = jnp.abs(m)
-    m_rows_ref[...] = jnp.sum(a, axis=1)
-    m_cols_ref[...] = jnp.sum(a, axis=0)
+    m_rows_ref[...] = jnp.sum(a * row_scale, axis=1)
+    m_cols_ref[...] = jnp.sum(a * col_scale, axis=0)
     d = m / (jnp.sqrt(v) + eps)
   else:
     d = g / (jnp.sqrt(v) + eps)
@@ -146,8 +152,10 @@ def smmf_group_step(gs, scalars, v_row, v_col, signs=None, m_row=None,
   Returns:
     ``(ds, v_rows, v_cols)`` and, with momentum, ``(signs, m_rows, m_cols)``
     after them: ds are the members' (n1, n2) updates in g's dtype; the
-    partial sums are (len(gs), n2/bn, n1) row sums and (len(gs), n1/bm, n2)
-    column sums (sum over axis 1 to finish).
+    partial sums are (len(gs), n2/bn, n1) row means and (len(gs), n1/bm, n2)
+    column means of V and |M| (sum over axis 1 to finish): each tile sums its
+    entries times 1/n2 (rows) and 1/n1 (columns), so no partial sum exceeds
+    the largest entry (overflow-safe, see :mod:`optax_fac.smmf`).
   """
   members = len(gs)
   n1, n2 = gs[0].shape
@@ -191,7 +199,8 @@ def smmf_group_step(gs, scalars, v_row, v_col, signs=None, m_row=None,
         pl_triton, 'TritonCompilerParams')  # the name before jax 0.7
     compiler_params = params_class(num_warps=_NUM_WARPS, num_stages=1)
   call = pl.pallas_call(
-      functools.partial(_kernel, members=members, momentum=momentum),
+      functools.partial(_kernel, members=members, momentum=momentum,
+                        row_scale=1.0 / n2, col_scale=1.0 / n1),
       out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       input_output_aliases=aliases, interpret=interpret,
       compiler_params=compiler_params, name='smmf_group_step')

@@ -54,7 +54,6 @@ References:
   ``subspace_momentum.py``, ``projectors/svd_projector.py``).
 """
 
-from __future__ import annotations
 
 import math
 from typing import Any, NamedTuple, Optional, Union
@@ -200,20 +199,34 @@ def _subset_norm_shape(shape, view, subset_size) -> tuple:
 # §5.1 Subset-Norm.
 
 
-def _subset_statistic(g32, view, subset_size):
-  """u: the per-subset sum of G² (one value per subset, see §5.1)."""
-  shape = g32.shape
+def _subset_len(shape, view, subset_size) -> int:
+  """L: the number of coordinates in each subset of a leaf."""
   m, n = view.dims(shape)
   if isinstance(subset_size, str):
-    return (view.row_sum(g32 * g32) if _rows_are_subsets(m, n)
-            else view.col_sum(g32 * g32))
+    return n if _rows_are_subsets(m, n) else m
+  return subset_length(m * n, subset_size)
+
+
+def _subset_statistic(g32, view, subset_size):
+  """ū: the per-subset MEAN of G² (one value per subset, see §5.1).
+
+  [decided] The paper's statistic is the per-subset sum u = L ū; the mean is
+  stored (as a sum of (G/√L)², so nothing overflows where G² does not) and
+  the denominator is sqrt(L)·sqrt(v̄) + ε = sqrt(v) + ε exactly.
+  """
+  shape = g32.shape
+  m, n = view.dims(shape)
+  scale = 1.0 / math.sqrt(max(1, _subset_len(shape, view, subset_size)))
+  if isinstance(subset_size, str):
+    g2 = jnp.square(g32 * scale)
+    return view.row_sum(g2) if _rows_are_subsets(m, n) else view.col_sum(g2)
   k = subset_length(m * n, subset_size)
   if k == 1:  # element-wise, in the parameter's layout
     return g32 * g32
   nb = len(view.batch)
   gs = _reshape_tail(_to_matrix(g32, view),
                      view.batch_shape(shape) + (m * n // k, k), nb)
-  return jnp.sum(gs * gs, axis=-1)
+  return jnp.sum(jnp.square(gs * scale), axis=-1)
 
 
 def _divide_by_subsets(num, den, view, subset_size):
@@ -236,7 +249,8 @@ def _divide_by_subsets(num, den, view, subset_size):
 class SubsetNormState(NamedTuple):
   """State of :func:`scale_by_subset_norm`."""
   count: jax.Array  # shape=(), dtype=jnp.int32.
-  nu: Any           # per leaf: one float32 accumulator per subset
+  nu: Any           # per leaf: one float32 accumulator per subset (of the
+                    # subset's mean of G²; the sum is L times it)
   momentum: Any     # state of the ``momentum`` transform (EmptyState if none)
 
 
@@ -257,6 +271,9 @@ def scale_by_subset_norm(
   same G (the subset norm is always computed from the gradient, so a
   momentum transform cannot simply be chained in front). No bias correction:
   chain :func:`scale_by_bias_correction` for the Adam-style step size.
+  [decided] The state holds v̄ = v / L (L coordinates per subset), computed
+  from means of G², so it stays finite for every gradient at which Adam's
+  state is; the denominator sqrt(L)·sqrt(v̄) + ε is the same number.
 
   Partitions (``subset_size``, structural):
 
@@ -349,7 +366,8 @@ def scale_by_subset_norm(
       k = (subset_size if subset_size is not None
            else _subset_size_from_state(nu, g.shape, view))
       nu = accumulate(nu, _subset_statistic(g32, view, k))
-      den = jnp.sqrt(nu) + eps32
+      root_len = math.sqrt(max(1, _subset_len(g.shape, view, k)))
+      den = root_len * jnp.sqrt(nu) + eps32
       d = _divide_by_subsets(_common.f32(num), den, view, k)
       return d.astype(g.dtype), nu
 

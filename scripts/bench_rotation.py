@@ -1,4 +1,4 @@
-"""Cost of the AdaDiag rotation (ALGORITHMS.md §3) against adamw, on GPU.
+"""Cost of the AdaDiag rotation (docs/algorithms.md §3) against adamw, on GPU.
 
 Three parts (``--parts``, default all):
 
@@ -15,7 +15,7 @@ Three parts (``--parts``, default all):
   6 layers, 6 heads, ffn 1024, vocab 256 → 10.8M parameters; batch 64 x 256;
   float32 params, bfloat16 compute) with adamw vs adadiag (non-refresh,
   refresh, and the amortised cost at every = 200).
-* ``memory``: the optimizer-state table of ALGORITHMS.md §6 for LLaMA
+* ``memory``: the optimizer-state table of docs/algorithms.md §6 for LLaMA
   60M/130M/350M/1B in bf16 accounting, the embedding and LM head keeping
   Adam states (``jax.eval_shape`` only, runs anywhere).
 
@@ -266,7 +266,7 @@ def bench_train(cfg, names, steps, warmup, refresh_steps, dtype, lr=1e-3):
 
 
 # --------------------------------------------------------------------------
-# The memory table of ALGORITHMS.md §6.
+# The memory table of docs/algorithms.md §6.
 
 PAPER_G = 1024 * 10 ** 6   # the papers' "G": 1024 MB of 10^6 bytes
 PUBLISHED_1B = {'adam': 5.23, 'adadiag': 6.61, 'adadiag_pp': 11.59,
@@ -386,7 +386,7 @@ def main(argv=None):
     report['memory'] = dict(unit_bytes=PAPER_G, table=table,
                             published_1b=PUBLISHED_1B)
     with open(os.path.join(args.out, 'memory_table.md'), 'w') as f:
-      f.write('Optimizer-state memory (ALGORITHMS.md §6): bf16 accounting, '
+      f.write('Optimizer-state memory (docs/algorithms.md §6): bf16 accounting, '
               'embedding and LM head keep Adam states, unit G = 1.024e9 '
               'bytes.\nWritten by scripts/bench_rotation.py --parts=memory.'
               '\n\n' + text + '\n')

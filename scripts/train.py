@@ -25,7 +25,7 @@ checkpoints together, so WORKDIR must be a directory every process sees:
     # on host i of 2 (i = 0, 1):
     python scripts/train.py --distributed --coordinator_address=host0:1234 \
         --num_processes=2 --process_id=$i \
-        --config=configs/c4_llama_60m.py --workdir=/shared/c4_60m_hfac
+        --config=configs/c4_llama_60m.py --workdir=/mnt/nfs/c4_60m_hfac
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""The contract every named optimizer meets (../shared/DESIGN.md).
+"""The contract every named optimizer meets (README.md).
 
 Each issue adds its optimizers as ``Case`` entries in a ``tests/cases_*.py``
 file (a list named ``CASES``); ``tests/test_contract.py`` runs every check on

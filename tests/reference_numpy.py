@@ -1,4 +1,4 @@
-"""Independent float64 NumPy transcriptions of ALGORITHMS.md §1-§2 (and Adam).
+"""Independent float64 NumPy transcriptions of docs/algorithms.md §1-§2 (and Adam).
 
 Written from the equations, on explicit (m, n) matrices, without any code of
 the library. Each ``*_step`` takes a float64 matrix G and a dict of state and

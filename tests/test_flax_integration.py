@@ -243,7 +243,7 @@ EQUIV = [n for n in ('hfac', 'adadiag_pp', 'adafac_diag', 'adam_snsm')
 
 @pytest.mark.parametrize('name', EQUIV)
 def test_nnx_stacked_equals_separate_layers(name):
-  """ALGORITHMS.md §0: a stacked (L, in, out) leaf with a batch axis behaves
+  """docs/algorithms.md §0: a stacked (L, in, out) leaf with a batch axis behaves
   exactly like L separate (in, out) leaves — here through nnx.Optimizer."""
   x, y = _data()
   scanned = Scanned(nnx.Rngs(0))

@@ -47,7 +47,7 @@ def _grads(step, seed=1):
 
 
 def _as_matrices(key, x):
-  """The ALGORITHMS.md §0 matrices of a leaf, written independently."""
+  """The docs/algorithms.md §0 matrices of a leaf, written independently."""
   if key == 'stacked':
     return [x[i] for i in range(x.shape[0])]
   return [x.reshape(-1, x.shape[-1])]

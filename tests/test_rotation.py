@@ -1,4 +1,4 @@
-"""Tests of svd_rotation and the AdaDiag family (ALGORITHMS.md §3).
+"""Tests of svd_rotation and the AdaDiag family (docs/algorithms.md §3).
 
 The reference below is an independent float64 NumPy transcription of §3
 (full SVD, sign convention, refresh at t = 1 and every T steps, diagonal of
@@ -437,7 +437,7 @@ def test_state_partition_specs_cover_the_bases():
 
 
 # --------------------------------------------------------------------------
-# State sizes: LLaMA-60M formulas and the memory table of ALGORITHMS.md §6.
+# State sizes: LLaMA-60M formulas and the memory table of docs/algorithms.md §6.
 
 
 def llama_tree(d=512, ffn=1376, layers=8, vocab=32000):
@@ -488,7 +488,7 @@ def test_state_sizes_llama60m(make, per_matrix, paper_mask):
   assert optax_fac.state_elements(tx, tree) == want
 
 
-# ALGORITHMS.md §6: LLaMA 1.3B, BF16 state, the embedding and LM head keep
+# docs/algorithms.md §6: LLaMA 1.3B, BF16 state, the embedding and LM head keep
 # Adam states. The published "G" is 1024 MB of 10^6 bytes (1.024e9 bytes):
 # with that unit every entry of the table is reproduced to its two decimals.
 PUBLISHED_1B = {'adam': 5.23, 'adadiag': 6.61, 'adadiag_pp': 11.59,

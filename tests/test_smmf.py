@@ -1,4 +1,4 @@
-"""SMMF (../shared/ALGORITHMS.md §4): view, float64 transcription, state size."""
+"""SMMF (docs/algorithms.md §4): view, float64 transcription, state size."""
 
 import importlib
 import math
@@ -203,9 +203,13 @@ def test_sign_of_exact_zero_is_negative_and_zero_sum_is_kept():
                                 np.asarray(g['w']).reshape(-1) > 0)
   for field in (state.m_row, state.m_col, state.v_row, state.v_col):
     np.testing.assert_array_equal(field['z'], 0.0)
-  # Column factor normalised to sum 1 where the sum is nonzero.
-  np.testing.assert_allclose(state.v_col['w'].sum(), 1.0, rtol=1e-6)
-  np.testing.assert_allclose(state.m_col['w'].sum(), 1.0, rtol=1e-6)
+  # Column factor normalised to sum 1 where the sum is nonzero. [decided]
+  # The state stores the official c (sum 1) as c̄ = n2 c (mean 1; see
+  # SMMFState, overflow-safe storage): convert back to the official factor.
+  np.testing.assert_allclose((state.v_col['w'] / lay.n2).sum(), 1.0,
+                             rtol=1e-6)
+  np.testing.assert_allclose((state.m_col['w'] / lay.n2).sum(), 1.0,
+                             rtol=1e-6)
 
 
 def test_pack_unpack_roundtrip():
@@ -615,11 +619,13 @@ def test_kernel_group_step_matches_numpy():
     v = b2 * np.outer(v_row[b], v_col[b]) + (1 - b2) * g64 ** 2
     np.testing.assert_allclose(ds[k], m / (np.sqrt(v) + eps), rtol=2e-6,
                                atol=1e-6)
-    np.testing.assert_allclose(np.sum(v_rows[k], 0), v.sum(1), rtol=1e-5)
-    np.testing.assert_allclose(np.sum(v_cols[k], 0), v.sum(0), rtol=1e-5)
-    np.testing.assert_allclose(np.sum(m_rows[k], 0), np.abs(m).sum(1),
+    # [decided] The partials are of pre-scaled terms (overflow-safe): they
+    # add up to row means (sums / n2) and column means (sums / n1).
+    np.testing.assert_allclose(np.sum(v_rows[k], 0), v.sum(1) / n2, rtol=1e-5)
+    np.testing.assert_allclose(np.sum(v_cols[k], 0), v.sum(0) / n1, rtol=1e-5)
+    np.testing.assert_allclose(np.sum(m_rows[k], 0), np.abs(m).sum(1) / n2,
                                rtol=1e-5)
-    np.testing.assert_allclose(np.sum(m_cols[k], 0), np.abs(m).sum(0),
+    np.testing.assert_allclose(np.sum(m_cols[k], 0), np.abs(m).sum(0) / n1,
                                rtol=1e-5)
     np.testing.assert_array_equal(
         np.unpackbits(np.asarray(new_signs[b]).reshape(-1)).reshape(n1, n2),
@@ -725,3 +731,77 @@ def test_kernel_branch_is_not_lowered_for_cpu():
   cuda = jax.jit(tx.update).trace(params, state, params).lower(
       lowering_platforms=('cuda',)).as_text()
   assert 'triton' in cuda
+
+
+# --------------------------------------------------------------------------
+# Overflow-safe storage [decided]: row means and columns normalised to mean 1.
+
+
+def test_mean_factors_reconstruct_official_factors():
+  """r̄ c̄ᵀ (row means, columns of mean 1) equals the official r cᵀ."""
+  rng = np.random.default_rng(11)
+  mats = [rng.random((40, 25)) ** 3,                     # one (n1, n2) view
+          rng.random((2, 3, 16, 8)) * 10.0 ** rng.integers(-6, 6, (2, 3, 1, 1)),
+          rng.random((7, 1)), rng.random((1, 1)),
+          np.zeros((12, 10)),                            # sum 0: kept as is
+          # V = G² of a 1e18-scale gradient: the official float32 row sums
+          # (512 terms of about 1e36) overflow; the means do not.
+          (1e18 * rng.normal(size=(1024, 512))) ** 2]
+  mats = [np.asarray(a, np.float32) for a in mats]
+  for a in mats:
+    ((row, col),) = jax.jit(smmf_lib._nnmf)(jnp.asarray(a))
+    row, col = np.asarray(row, np.float64), np.asarray(col, np.float64)
+    assert np.all(np.isfinite(row)) and np.all(np.isfinite(col))
+    a64 = a.astype(np.float64).reshape((-1,) + a.shape[-2:])
+    row, col = row.reshape(a64.shape[:2]), col.reshape(a64[:, 0].shape)
+    for b in range(a64.shape[0]):
+      r, c = Float64SMMF.nnmf(a64[b])
+      np.testing.assert_allclose(np.outer(row[b], col[b]), np.outer(r, c),
+                                 rtol=1e-5, atol=0, err_msg=str(a.shape))
+      # What is stored: row means, and columns of mean 1 (unless all 0).
+      np.testing.assert_allclose(row[b], a64[b].mean(axis=1), rtol=1e-5)
+      np.testing.assert_allclose(col[b].mean(), 1.0 if c.any() else 0.0,
+                                 rtol=1e-5)
+
+
+def _float64_updates(shapes, grads, **kwargs):
+  """The official updates D_t (float64), from zero parameters and lr = 1."""
+  ref = Float64SMMF([np.zeros(s) for s in shapes], 1.0, **kwargs)
+  prev, out = [np.zeros(s) for s in shapes], []
+  for g in grads:
+    new = ref.step(g)
+    out.append([p - q for p, q in zip(prev, new)])
+    prev = new
+  return out
+
+
+@pytest.mark.parametrize('path', ['arrays', 'kernel'])
+def test_huge_gradient_keeps_state_finite(path, request):
+  """A 1e18-scale gradient, then normal ones: finite, and still official.
+
+  V = G² ≈ 1e36: row sums of V over n2 >= ~340 entries overflow float32
+  (the old storage gave c = inf / inf = NaN and NaN from then on), while
+  Adam's state is finite up to |G| ≈ 1.8e19. The kernel runs interpreted,
+  so its leaf is the smallest tiled one that overflowed the old sums.
+  """
+  if path == 'kernel':
+    request.getfixturevalue('kernel_everywhere')
+    shapes, kwargs = [(512, 512)], dict()              # view (512, 512)
+  else:                                                # views (2048, 1024)
+    shapes, kwargs = [(1024, 2048), (640,)], dict(vector_reshape=False)
+  rng = np.random.default_rng(12)
+  grads = [[(1e18 * rng.normal(size=s)).astype(np.float32) for s in shapes]]
+  grads += [[rng.normal(size=s).astype(np.float32) for s in shapes]
+            for _ in range(2)]
+  want = _float64_updates(shapes, grads, **_official_kwargs(kwargs))
+  tx = optax_fac.scale_by_smmf(**kwargs)
+  state = tx.init([jnp.zeros(s) for s in shapes])
+  step = jax.jit(tx.update)
+  for t, g in enumerate(grads):
+    updates, state = step([jnp.asarray(x) for x in g], state)
+    for x in jax.tree.leaves(state):
+      assert np.all(np.isfinite(np.asarray(x, np.float64))), (t, x.shape)
+    for leaf, (u, w) in enumerate(zip(updates, want[t])):
+      assert np.all(np.isfinite(u))
+      np.testing.assert_allclose(u, w, rtol=1e-5, atol=2e-6,
+                                 err_msg=f'{path}: step {t + 1}, leaf {leaf}')

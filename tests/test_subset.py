@@ -1,4 +1,4 @@
-"""Tests of Subset-Norm / Subspace-Momentum (ALGORITHMS.md §5)."""
+"""Tests of Subset-Norm / Subspace-Momentum (docs/algorithms.md §5)."""
 
 import math
 

