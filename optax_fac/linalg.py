@@ -37,8 +37,11 @@ from jax import lax
 # conditioned.
 PIVOT_FRACTION = math.exp(-1.0)
 
-# complete_basis takes the in-order pivots from one QR when some matrix misses
-# more columns than this; fewer go through the sequential loop only.
+# complete_basis takes the in-order pivots from one QR when the size k is
+# above _IN_ORDER_MIN_K (static; below it the sequential loop is cheap and
+# the QR path's compile time is not worth it) and some matrix misses more
+# than _IN_ORDER_MIN columns.
+_IN_ORDER_MIN_K = 64
 _IN_ORDER_MIN = 4
 
 _HI = lax.Precision.HIGHEST
@@ -77,8 +80,9 @@ def rank_rtol(m: int, n: int, dtype: Any = jnp.float32) -> float:
   12×5 matrix). Why in λ, not σ: the eigh path computes λ from the Gram
   matrix, whose float32 rounding alone is of order max(m, n) · eps · σ_max²
   (γ_n |G||G|ᵀ), and the eigensolver adds c · eps · λ_max; so a zero
-  singular value comes out of eigh as |λ| up to about that size (measured on
-  CPU: at most 0.11 · the tolerance for shapes from 5×12 to 512×1376), and
+  singular value comes out of eigh as |λ| up to about that size (measured:
+  at most 0.11 · the tolerance on CPU for shapes from 5×12 to 512×1376,
+  0.02 · on an H200 for 5×12 to 64×64), and
   singular directions below that level cannot be resolved by eigh at all.
   The SVD path applies the same test to its σ², so both methods keep the
   same vectors. This is ``numpy.linalg.matrix_rank``'s rule
@@ -99,7 +103,7 @@ def scale_to_unit_max(x: jax.Array, axes) -> jax.Array:
 
 
 # Matrix-vector products as multiply-and-sum: full float32 on every backend
-# (no TF32 dot), and much quicker for XLA to compile than small dots.
+# (a dot would run as TF32 on recent NVIDIA GPUs unless asked otherwise).
 
 
 def _mv(a, x):
@@ -171,8 +175,11 @@ def complete_basis(kept: jax.Array, rank: jax.Array) -> jax.Array:
 
   # The QR costs about a third of an eigh of the same size: only when some
   # matrix misses more than a handful of columns (a loop of 0 or 1 trips).
-  need = jnp.max(k - rank, initial=0) > _IN_ORDER_MIN
-  b, start_b = lax.fori_loop(0, need.astype(jnp.int32), in_order, (b, rank))
+  start_b = rank
+  if k > _IN_ORDER_MIN_K:
+    need = jnp.max(k - rank, initial=0) > _IN_ORDER_MIN
+    b, start_b = lax.fori_loop(0, need.astype(jnp.int32), in_order,
+                               (b, rank))
 
   def body(p, carry):
     b, res = carry

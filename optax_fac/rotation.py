@@ -326,7 +326,7 @@ def _rtol(plan: _Plan, dtype) -> float:
 
 
 def _new_bases(xs, plans, basis):
-  """{(leaf, side): ((B, k, k) vectors, (B,) ok)} from batched decompositions.
+  """{(leaf, side): ((B, k, k) vectors, (B,) ok, (B,) rank)}, batched.
 
   Same-size requests from all leaves and sides are stacked into one call.
   Every basis is :func:`optax_fac.linalg.canonical_basis` of the
@@ -360,7 +360,7 @@ def _new_bases(xs, plans, basis):
       rtol = (rtols.pop() if len(rtols) == 1 else np.concatenate(
           [np.full(g.shape[0], r, stacked.dtype) for _, g, r, _, _ in items]))
       lam, vecs = eigh_descending(stacked)
-      vecs, _ = linalg.canonical_basis(vecs, lam, rtol)
+      vecs, rank = linalg.canonical_basis(vecs, lam, rtol)
       ok = _all_finite(vecs) & _all_finite(stacked)
       top = jnp.max(lam, axis=-1)
       start = 0
@@ -368,7 +368,8 @@ def _new_bases(xs, plans, basis):
         stop = start + g.shape[0]
         bnd = top[start:stop] if bnd is None else bnd
         out[key] = (vecs[start:stop],
-                    ok[start:stop] & _squares_finite(scale, bnd))
+                    ok[start:stop] & _squares_finite(scale, bnd),
+                    rank[start:stop])
         start = stop
   else:  # 'svd'
     groups = {}
@@ -385,10 +386,10 @@ def _new_bases(xs, plans, basis):
       u, s, v = svd_vectors(stacked, False)
       lam, rtol = s * s, _rtol(plans[items[0][0]], stacked.dtype)
       ok = _all_finite(stacked)
-      sides = {}
+      sides, ranks = {}, {}
       for side, vecs in (('left', u), ('right', v)):
         if any(getattr(plans[i], side) for i, *_ in items):
-          sides[side], _ = linalg.canonical_basis(vecs, lam, rtol)
+          sides[side], ranks[side] = linalg.canonical_basis(vecs, lam, rtol)
           ok = ok & _all_finite(sides[side])
       start = 0
       for i, a, scale, bounds in items:
@@ -396,7 +397,8 @@ def _new_bases(xs, plans, basis):
         for side, bnd in bounds.items():
           bnd = lam[start:stop, 0] if bnd is None else bnd
           out[(i, side)] = (sides[side][start:stop],
-                            ok[start:stop] & _squares_finite(scale, bnd))
+                            ok[start:stop] & _squares_finite(scale, bnd),
+                            ranks[side][start:stop])
         start = stop
   return out
 
@@ -620,7 +622,6 @@ def svd_rotation(
           for g, p in zip(grads, plans)]
     inner_state = state.inner_state
     fresh = [None] * len(plans)
-    two_sided = [p.left and p.right for p in plans]
 
     if basis != 'identity' and any(p.rotated for p in plans):
 
@@ -628,20 +629,26 @@ def svd_rotation(
         new = _new_bases(xs, plans, basis)
         new_l, new_r, fresh = [], [], []
         for i, plan in enumerate(plans):
-          oks = []
+          if not plan.rotated:
+            new_l.append(lefts[i])
+            new_r.append(rights[i])
+            fresh.append(None)
+            continue
+          ok_all, ranks = jnp.ones(plan.batch_shape, bool), {}
           for side, olds, outs in (('left', lefts, new_l),
                                    ('right', rights, new_r)):
             if not getattr(plan, side):
               outs.append(None)
               continue
-            vecs, ok = new[(i, side)]
+            vecs, ok, rank = new[(i, side)]
             k = plan.side_dim(side)
             old = olds[i]
             vecs = vecs.reshape(plan.batch_shape + (k, k)).astype(old.dtype)
             ok = ok.reshape(plan.batch_shape)
             outs.append(jnp.where(ok[..., None, None], _like(vecs, old), old))
-            oks.append(ok)
-          fresh.append(oks[0] & oks[1] if two_sided[i] else None)
+            ok_all = ok_all & ok
+            ranks[side] = rank.reshape(plan.batch_shape)
+          fresh.append((ok_all, ranks.get('left'), ranks.get('right')))
         if inner_state is not None:
           flat_state = (lefts, rights, new_l, new_r)
 
@@ -664,9 +671,13 @@ def svd_rotation(
 
       def keep_fn(xs, lefts, rights, inner_state):
         del xs
-        fresh = [jnp.zeros(p.batch_shape, bool) if t else None
-                 for p, t in zip(plans, two_sided)]
-        return list(lefts), list(rights), fresh, inner_state
+        def stale(p):
+          if not p.rotated:
+            return None
+          zero = jnp.zeros(p.batch_shape, jnp.int32)
+          return (jnp.zeros(p.batch_shape, bool), zero if p.left else None,
+                  zero if p.right else None)
+        return list(lefts), list(rights), [stale(p) for p in plans], inner_state
 
       refresh = (count - 1) % every == 0
       carried = inner_state if carry == 'rotate' else None
@@ -683,7 +694,7 @@ def svd_rotation(
         continue
       y = _forward(x, l, r, plan, precision)
       if f is not None:
-        y = jnp.where(_diagonal_or_stale(plan, f), y, 0.0)
+        y = jnp.where(_fresh_mask(plan, *f), y, 0.0)
       rotated.append(y.astype(g.dtype))
     rotated = jax.tree.unflatten(treedef, rotated)
 
@@ -705,10 +716,17 @@ def svd_rotation(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _diagonal_or_stale(plan: _Plan, fresh: jax.Array) -> jax.Array:
-  """Mask (leaf layout): True off a freshly refreshed matrix, else diagonal.
+def _fresh_mask(plan: _Plan, fresh, rank_left, rank_right) -> jax.Array:
+  """Which rotated-gradient entries to keep (leaf layout), from iotas.
 
-  Built from iotas (fused by XLA, never stored).
+  [decided] At a refresh step the basis comes from this very G, so in exact
+  arithmetic the rotated gradient vanishes beyond the rank r of G (rows
+  i >= r of Pᵀ G, columns j >= r of G Q) and, two-sided, off the diagonal of
+  Pᵀ G Q. Computed in float32 those entries are roundoff (~1e-7·|G|), which
+  Adam's first step with a tiny ε would blow up into O(1) updates that depend
+  on the decomposition method; they are set to 0. Where the refresh failed
+  (``fresh`` False: the old basis was kept) nothing is masked. Built from
+  iotas (fused by XLA, never stored).
   """
   v = plan.view
   shape = plan.shape
@@ -720,11 +738,20 @@ def _diagonal_or_stale(plan: _Plan, fresh: jax.Array) -> jax.Array:
       stride *= shape[a]
     return idx
 
-  diag = flat_index(v.rows) == flat_index(v.cols)
-  srt = tuple(sorted(v.batch))
-  fresh = jnp.transpose(fresh, [v.batch.index(a) for a in srt])
-  fresh = jnp.expand_dims(fresh, tuple(sorted(v.rows + v.cols)))
-  return diag | ~fresh
+  def per_matrix(x):  # (*batch,) -> broadcastable against the leaf
+    srt = tuple(sorted(v.batch))
+    x = jnp.transpose(x, [v.batch.index(a) for a in srt])
+    return jnp.expand_dims(x, tuple(sorted(v.rows + v.cols)))
+
+  rows, cols = flat_index(v.rows), flat_index(v.cols)
+  keep = jnp.ones(shape, bool)
+  if plan.left and plan.right:
+    keep = rows == cols
+  if rank_left is not None:
+    keep = keep & (rows < per_matrix(rank_left))
+  if rank_right is not None:
+    keep = keep & (cols < per_matrix(rank_right))
+  return keep | ~per_matrix(fresh)
 
 
 sharding.register_state_rule(SvdRotationState, {

@@ -17,6 +17,7 @@ from optax._src import test_utils
 
 import optax_fac
 import reference_numpy as ref
+import test_bases
 from optax_fac import rotation
 
 # --------------------------------------------------------------------------
@@ -54,9 +55,12 @@ def ref_rotation(grads, *, sides, every, max_dim=8192, carry='keep',
       p, q = bases[i]
       refresh = (t - 1) % every == 0
       if refresh:
-        u, _, vt = np.linalg.svd(g, full_matrices=True)
-        new_p = ref_sign_fix(u) if left else np.eye(m)
-        new_q = ref_sign_fix(vt.T) if right else np.eye(n)
+        # The canonical basis (docs/algorithms.md §3): singular vectors above
+        # the rank tolerance, then the canonical completion (test_bases.py).
+        new_p, rank_p = (test_bases.np_canonical_basis(g, 'left') if left
+                         else (np.eye(m), m))
+        new_q, rank_q = (test_bases.np_canonical_basis(g, 'right') if right
+                         else (np.eye(n), n))
         if carry == 'rotate' and moment_key in states[i]:
           mom = p @ states[i][moment_key] @ q.T
           states[i][moment_key] = new_p.T @ mom @ new_q
@@ -65,6 +69,9 @@ def ref_rotation(grads, *, sides, every, max_dim=8192, carry='keep',
       gt = p.T @ g @ q
       if refresh and left and right:
         gt = np.diag(np.diag(gt)) if m == n else _rect_diag(gt)
+      if refresh:  # beyond the rank of this G, the rotated G is roundoff
+        gt[rank_p:, :] = 0.0
+        gt[:, rank_q:] = 0.0
       dt, states[i] = inner(gt, states[i], t, **inner_kwargs)
       step_out.append(p @ dt @ q.T)
     out.append(step_out)
