@@ -94,11 +94,11 @@ def _describe(job: dict) -> str:
           f"({job['grads']} gradients)")
 
 
-def run_jobs(jobs: list[dict]) -> dict:
-  """Runs ``jobs`` one after the other in a worker; fails on a hang/error.
+def _run_worker(jobs: list[dict]):
+  """Runs ``jobs`` in one worker and watches it.
 
-  Returns {job key: 'done' | 'missing'} ('missing': not exported by
-  optax_fac).
+  Returns (output, exit code, verdict): verdict is None, or why the worker
+  was killed (the step it was in is the last 'start' line without 'done').
   """
   cmd = [sys.executable, os.path.abspath(__file__), json.dumps(jobs)]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -119,10 +119,10 @@ def run_jobs(jobs: list[dict]) -> dict:
     in_step = sum(l.startswith('start ') for l in lines) > sum(
         l.startswith(('done ', 'missing ')) for l in lines)
     if in_step and now - last_progress > IDLE_S:
-      verdict = (f'deadlocked: no CPU progress for {IDLE_S:.0f} s '
-                 f'({now - t0:.0f} s after the worker started)')
+      verdict = (f'deadlocked: no CPU progress for {IDLE_S:.0f} s, '
+                 f'{now - t0:.0f} s after its worker started')
     elif now - t0 > TIMEOUT_S:
-      verdict = f'did not return within {TIMEOUT_S:.0f} s'
+      verdict = f'did not return: its worker ran {TIMEOUT_S:.0f} s'
     if verdict:
       if hasattr(signal, 'SIGUSR1'):  # the worker dumps its Python stacks
         os.kill(proc.pid, signal.SIGUSR1)
@@ -131,23 +131,46 @@ def run_jobs(jobs: list[dict]) -> dict:
       break
   proc.wait()
   reader.join(timeout=10)
-  out = ''.join(lines)
-  tail = '\n'.join(out.splitlines()[-60:])
-  finished = {k: v for v, k in re.findall(r'^(done|missing) (\S+)', out, re.M)}
+  return ''.join(lines), proc.returncode, verdict
+
+
+def run_jobs(jobs: list[dict]) -> dict:
+  """Runs ``jobs`` one after the other; fails the test on a hang or an error.
+
+  After a hang the remaining jobs run in a new worker, so that the failure
+  lists every step that hangs. Returns {job key: 'done' | 'missing'}
+  ('missing': not exported by optax_fac).
+  """
   by_key = {j['key']: j for j in jobs}
-  started = re.findall(r'^start (\S+)', out, re.M)
-  if verdict:
-    hung = [k for k in started if k not in finished]
-    what = _describe(by_key[hung[-1]]) if hung else 'the worker (before a step)'
+  finished: dict = {}
+  hangs = []
+  remaining = list(jobs)
+  while remaining:
+    out, code, verdict = _run_worker(remaining)
+    finished.update(
+        {k: v for v, k in re.findall(r'^(done|missing) (\S+)', out, re.M)})
+    tail = '\n'.join(out.splitlines()[-60:])
+    if verdict is None:
+      if code != 0:
+        pytest.fail(f'worker failed (exit {code}):\n{tail}', pytrace=False)
+      break
+    started = [k for k in re.findall(r'^start (\S+)', out, re.M)
+               if k not in finished]
+    if not started:  # killed before its first step
+      pytest.fail(f'worker {verdict} before a step:\n{tail}', pytrace=False)
+    hung = started[-1]
+    hangs.append((hung, verdict, tail))
+    keys = [j['key'] for j in remaining]
+    remaining = remaining[keys.index(hung) + 1:]
+  if hangs:
+    report = '\n'.join(f'  {_describe(by_key[k])}: {v}' for k, v, _ in hangs)
     pytest.fail(
-        f'HANG on {NUM_DEVICES} CPU devices: {what} {verdict}.\n'
-        f'Finished before it: {sorted(finished) or "none"}.\n'
-        f'--- worker output (tail) ---\n{tail}', pytrace=False)
-  if proc.returncode != 0:
-    pytest.fail(f'worker failed (exit {proc.returncode}):\n{tail}',
-                pytrace=False)
+        f'HANG on {NUM_DEVICES} CPU devices, {len(hangs)} of {len(jobs)} '
+        f'steps:\n{report}\n'
+        f'--- worker output at the first hang (tail) ---\n{hangs[0][2]}',
+        pytrace=False)
   not_run = [k for k in by_key if k not in finished]
-  assert not not_run, f'jobs not run: {not_run}\n{tail}'
+  assert not not_run, f'jobs not run: {not_run}'
   return finished
 
 
