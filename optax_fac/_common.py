@@ -279,11 +279,13 @@ def structural_int(name: str, value: Any, default: int, *,
 def traced_structural_error(names: Sequence[str], where: str) -> ValueError:
   """The error for structural settings that arrive traced at init."""
   listed = ', '.join(repr(n) for n in names)
+  one = len(names) == 1
   return ValueError(
-      f'{where}: {listed} decide the shape of the state, and are traced here '
-      '(optax.inject_hyperparams under jax.jit turns ints into traced '
-      f'arrays). Pass static_args=({listed},) to optax.inject_hyperparams, or '
-      'leave them at their default (None).')
+      f'{where}: {listed} {"decides" if one else "decide"} the shape of the '
+      f'state and {"is" if one else "are"} traced here (optax.'
+      'inject_hyperparams under jax.jit turns ints into traced arrays). Pass '
+      f'static_args=({listed},) to optax.inject_hyperparams, or leave '
+      f'{"it" if one else "them"} at the default (None).')
 
 
 def check_dynamic_int(name: str, value: Any, where: str = '') -> None:

@@ -104,16 +104,23 @@ def method_labels(method_mask: MaskOrFn = None, views: matrix.ViewSpec = None
   """
 
   def labels(params):
+    # Leaves masked out by an outer optax.masked / optax.partition arrive as
+    # optax.MaskedNode and keep that (no label) in the result.
     views_tree = matrix.resolve_views(params, views, vectors=False)
     mask_tree = _common.resolve_mask('method_mask', method_mask, params)
-    treedef = jax.tree.structure(params)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
     flat_views = treedef.flatten_up_to(views_tree)
     flat_mask = treedef.flatten_up_to(mask_tree)
-    flat = [METHOD if (bool(m) and v is not None) else FALLBACK
-            for v, m in zip(flat_views, flat_mask)]
+    flat = [x if _is_masked(x) else
+            METHOD if (bool(m) and v is not None) else FALLBACK
+            for x, v, m in zip(leaves, flat_views, flat_mask)]
     return jax.tree.unflatten(treedef, flat)
 
   return labels
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
 
 def check_moments(where: str, b1: Any = 0.0, b2: Any = 0.0, eps: Any = 0.0, *,

@@ -47,6 +47,44 @@ _IN_ORDER_MIN = 4
 _HI = lax.Precision.HIGHEST
 
 
+def unbatched_on_cpu(decompose, x: jax.Array):
+  """``decompose(x)`` for (..., m, n) ``x``; on CPU, one matrix per LAPACK call.
+
+  jaxlib 0.10.0 to 0.11.0 (jaxlib/cpu/lapack_kernels.cc, ParallelBatchMap)
+  split a batched CPU LAPACK call whose estimated cost reaches 2e5 flops
+  (batch · 5k³ for eigh, batch · 10mn·min(m, n) for svd) into tasks on
+  XLA:CPU's intra-op thread pool, and block the calling thread until they are
+  done. XLA runs a decomposition on a worker of that same pool when it runs
+  independent work concurrently (the size groups of svd_rotation's refresh);
+  once every worker is such a waiting call -- one per device under pmap or a
+  sharded jit, with a pool of max(#cores, #devices) workers -- nothing runs
+  the tasks and the step deadlocks, the process idle. A batch of one runs on
+  the calling thread, so on CPU this loops over the batch (lax.map); other
+  platforms keep the batched call.
+  """
+  if math.prod(x.shape[:-2]) <= 1:
+    return decompose(x)
+
+  def per_matrix(x):
+    batch = x.shape[:-2]
+    out = lax.map(decompose, x.reshape((-1,) + x.shape[-2:]))
+    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+  loop = per_matrix
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and any(t == jax.sharding.AxisType.Explicit
+                            for t in mesh.axis_types):
+    spec = tuple(jax.typeof(x).sharding.spec)
+    bspec = (spec + (None,) * x.ndim)[:x.ndim - 2]
+    if any(s is not None for s in bspec):
+      # lax.map cannot scan an axis sharded under an explicit mesh: loop
+      # over each device's own matrices (the matrix axes gathered).
+      x = jax.sharding.reshard(x, jax.P(*bspec, None, None))
+      loop = jax.shard_map(per_matrix, in_specs=jax.P(*bspec, None, None),
+                           out_specs=jax.P(*bspec))
+  return lax.platform_dependent(x, cpu=loop, default=decompose)
+
+
 def fix_signs(vecs: jax.Array) -> jax.Array:
   """Flips each column so that its largest-magnitude entry is positive.
 
@@ -61,14 +99,15 @@ def fix_signs(vecs: jax.Array) -> jax.Array:
 def eigh_descending(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigenvalues (..., k) and eigenvectors (..., k, k) of symmetric matrices,
   eigenvalues descending."""
-  vals, vecs = jnp.linalg.eigh(gram)
+  vals, vecs = unbatched_on_cpu(jnp.linalg.eigh, gram)
   return vals[..., ::-1], vecs[..., ::-1]
 
 
 def svd_vectors(mats: jax.Array, full_matrices: bool = False):
   """Left singular vectors, singular values and right singular vectors (as
   columns) of (..., m, n) matrices, singular values descending."""
-  u, s, vh = jnp.linalg.svd(mats, full_matrices=full_matrices)
+  u, s, vh = unbatched_on_cpu(
+      lambda a: jnp.linalg.svd(a, full_matrices=full_matrices), mats)
   return u, s, jnp.swapaxes(vh, -1, -2)
 
 
@@ -155,7 +194,7 @@ def complete_basis(kept: jax.Array, rank: jax.Array) -> jax.Array:
     b, start = carry
     m = jnp.eye(k, dtype=dtype) - jnp.einsum('bic,bjc->bij', b, b,
                                              precision=_HI)
-    q, r = jnp.linalg.qr(m)
+    q, r = unbatched_on_cpu(jnp.linalg.qr, m)
     sign = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
     q = q * sign.astype(dtype)[:, None, :]
     # res[b, i, t]: residual of e_i before column t is added.

@@ -66,6 +66,7 @@ from optax._src.base import NO_PARAMS_MSG
 
 from optax_fac import _common
 from optax_fac import alias
+from optax_fac import linalg
 from optax_fac import matrix
 
 SubsetSize = Union[str, int]
@@ -423,13 +424,15 @@ def _top_singular_vectors(g: jax.Array, r: int, left: bool, method: str,
     m, n = g.shape[-2:]
     return jnp.zeros(g.shape[:-2] + ((m, r) if left else (r, n)), g.dtype)
   if method == 'svd':
-    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+    u, _, vh = linalg.unbatched_on_cpu(
+        lambda a: jnp.linalg.svd(a, full_matrices=False), g)
     vecs = u[..., :, :r] if left else vh[..., :r, :]
   else:  # eigh of the Gram matrix on the projected side
     gt = jnp.swapaxes(g, -1, -2)
     gram = (jnp.matmul(g, gt, precision=precision) if left
             else jnp.matmul(gt, g, precision=precision))
-    _, w = jnp.linalg.eigh(gram, symmetrize_input=True)
+    _, w = linalg.unbatched_on_cpu(
+        lambda a: jnp.linalg.eigh(a, symmetrize_input=True), gram)
     top = w[..., ::-1][..., :r]  # eigenvalues ascending -> top r, descending
     vecs = top if left else jnp.swapaxes(top, -1, -2)
   return _fix_signs(vecs, axis=-2 if left else -1)

@@ -11,6 +11,7 @@ import pytest
 from optax._src import test_utils
 
 import contract
+import optax_fac
 
 CASES = contract.all_cases()
 ids = [c.name for c in CASES]
@@ -30,9 +31,16 @@ def _run(opt, target, steps, dtype=jnp.float32):
   return params, xs
 
 
+# The parabola, Rosenbrock and matrix parabola run for every named optimizer,
+# with 1-D and with 2-D params, in optax's own suite (tests/test_optax_common.py);
+# here every case (variants included) runs the mixed 1-D + 2-D target and the
+# least-squares problem.
+_TARGETS = (contract.mixed_target, contract.matrix_least_squares)
+
+
 @pytest.mark.parametrize('case', CASES, ids=ids)
-@pytest.mark.parametrize('target', contract.TARGETS,
-                         ids=[t.__name__ for t in contract.TARGETS])
+@pytest.mark.parametrize('target', _TARGETS,
+                         ids=[t.__name__ for t in _TARGETS])
 def test_converges(case, target):
   params, xs = _run(case.make(**case.kwargs), target, case.steps)
   test_utils.assert_trees_all_close(params, xs, rtol=3e-2, atol=3e-2)
@@ -114,7 +122,14 @@ def test_zero_gradient_first_step(case):
     assert float(jnp.max(jnp.abs(u))) < 1e-3
 
 
-@pytest.mark.parametrize('case', CASES, ids=ids)
+# optax's own suite (tests/test_optax_common.py) runs MultiSteps and the
+# lax.cond state-stability check for every named optimizer with its default
+# settings, on 1-D and 2-D params; here they run for the variant cases.
+VARIANTS = [c for c in CASES if c.name not in optax_fac.__all__]
+variant_ids = [c.name for c in VARIANTS]
+
+
+@pytest.mark.parametrize('case', VARIANTS, ids=variant_ids)
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
 def test_multisteps(case, dtype):
   opt = optax.MultiSteps(case.make(**case.kwargs), every_k_schedule=4)
@@ -129,7 +144,7 @@ def test_multisteps(case, dtype):
   assert any(float(jnp.max(jnp.abs(u))) > 0 for u in jax.tree.leaves(updates))
 
 
-@pytest.mark.parametrize('case', CASES, ids=ids)
+@pytest.mark.parametrize('case', VARIANTS, ids=variant_ids)
 def test_state_stable_through_cond(case):
   """State shape/dtype survive lax.cond for f16/bf16/f32/f64 params."""
   for dtype in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):

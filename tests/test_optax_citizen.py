@@ -49,7 +49,7 @@ def test_tree_map_params_maps_only_param_shaped_state(name):
   tx = make(name)
   p, g = params_and_grads()
   state = tx.init(p)
-  _, state = tx.update(g, state, p)
+  _, state = jax.jit(tx.update)(g, state, p)
   same = optax.tree_map_params(tx, lambda x: x, state)
   assert jax.tree.structure(same) == jax.tree.structure(state)
   # A function of the params is applied only where the state holds a copy of
@@ -146,7 +146,7 @@ def test_mask_is_the_weight_decay_mask_as_in_adamw(name):
   want, _ = optax.adamw(0.1, weight_decay=0.5, mask=m).update(
       zeros, optax.adamw(0.1, weight_decay=0.5, mask=m).init(p), p)
   tx = getattr(optax_fac, name)(0.1, weight_decay=0.5, mask=m)
-  got, _ = tx.update(zeros, tx.init(p), p)
+  got, _ = jax.jit(tx.update)(zeros, tx.init(p), p)
   np.testing.assert_array_equal(got['b'], 0.0)        # not decayed
   assert float(jnp.max(jnp.abs(want['b']))) == 0.0
   assert float(jnp.min(got['w'])) < -0.01              # decayed
@@ -264,7 +264,7 @@ def test_callable_pytree_masks_are_trees(name):
   tx = getattr(optax_fac, name)(
       1e-3, weight_decay=0.1, mask=CallableTree(w=True, b=False),
       method_mask=CallableTree(w=True, b=True))
-  u, _ = tx.update(g, tx.init(p), p)
+  u, _ = jax.jit(tx.update)(g, tx.init(p), p)
   assert u.w.shape == (8, 4)
 
 
@@ -286,13 +286,14 @@ def test_flax_msgpack_round_trip(name):
   tx = make(name)
   p, g = params_and_grads()
   state = tx.init(p)
-  _, state = tx.update(g, state, p)
+  update = jax.jit(tx.update)
+  _, state = update(g, state, p)
   restored = flax.serialization.from_bytes(tx.init(p),
                                            flax.serialization.to_bytes(state))
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   jax.tree.map(np.testing.assert_array_equal, restored, state)
-  u1, _ = tx.update(g, state, p)
-  u2, _ = tx.update(g, restored, p)
+  u1, _ = update(g, state, p)
+  u2, _ = update(g, restored, p)
   jax.tree.map(np.testing.assert_array_equal, u1, u2)
 
 
@@ -342,3 +343,26 @@ def test_huge_gradients_keep_the_state_finite(name):
     for x in jax.tree.leaves((u, state)):
       if jnp.issubdtype(x.dtype, jnp.floating):
         assert bool(jnp.all(jnp.isfinite(x))), name
+
+
+# --------------------------------------------------------------------------
+# Inside optax's own wrappers: leaves masked out arrive as optax.MaskedNode.
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_inside_optax_masked_and_multi_transform(name):
+  params = {'w': jnp.ones((8, 4)), 'bias': jnp.zeros(4),
+            'step': jnp.zeros((), jnp.int32)}
+  grads = {'w': jnp.ones((8, 4)), 'bias': jnp.ones(4),
+           'step': jnp.zeros((), jnp.int32)}
+  factory = getattr(optax_fac, name)
+  tx = optax.masked(factory(1e-3, weight_decay=0.1),
+                    {'w': True, 'bias': True, 'step': False})
+  u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert u['w'].shape == (8, 4) and float(jnp.min(u['w'])) < 0
+  mt = optax.multi_transform(
+      {'train': factory(1e-3), 'frozen': optax.set_to_zero()},
+      {'w': 'train', 'bias': 'frozen', 'step': 'frozen'})
+  u, _ = jax.jit(mt.update)(grads, mt.init(params), params)
+  assert float(jnp.max(jnp.abs(u['bias']))) == 0.0
+  assert float(jnp.min(u['w'])) < 0
