@@ -64,12 +64,6 @@ def check_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
     raise ValueError(f'{name} must be > 0, got {value!r}.')
 
 
-def check_positive_int(name: str, value: Any) -> None:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) \
-      or value < 1:
-    raise ValueError(f'{name} must be a positive int, got {value!r}.')
-
-
 def check_float_params(params: Any, where: str) -> None:
   """Raises TypeError naming the first leaf that is not floating point."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(
@@ -303,19 +297,6 @@ def check_dynamic_int(name: str, value: Any, where: str = '') -> None:
 # function iff it is callable at every leaf).
 
 
-def is_tree_function(spec: Any, is_leaf: Callable[[Any], bool] | None = None
-                     ) -> bool:
-  """True if ``spec`` is to be called on the params, as optax decides.
-
-  A function is callable at its one leaf; a bool tree, or a tree of
-  :class:`~optax_fac.MatrixView`, is not, even when its pytree type (an
-  equinox-style module) defines ``__call__``.
-  """
-  leaves = jax.tree.leaves(jax.tree.map(callable, spec, is_leaf=is_leaf),
-                           is_leaf=lambda x: isinstance(x, bool))
-  return bool(leaves) and all(leaves)
-
-
 def _paths(tree: Any, is_leaf=None) -> list[str]:
   return [jax.tree_util.keystr(p) for p, _ in
           jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
@@ -351,7 +332,7 @@ def resolve_mask(name: str, mask: Any, params: Any) -> Any:
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   if mask is None:
     return jax.tree.map(lambda _: True, params, is_leaf=is_masked)
-  tree = mask(params) if is_tree_function(mask) else mask
+  tree = mask(params) if matrix.is_tree_function(mask) else mask
   try:
     return jax.tree.map(
         lambda m, p: jax.tree.map(lambda _: bool(m), p, is_leaf=is_masked),

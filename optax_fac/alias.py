@@ -123,11 +123,9 @@ def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def check_moments(where: str, b1: Any = 0.0, b2: Any = 0.0, eps: Any = 0.0, *,
-                  b1_none: bool = False) -> None:
+def check_moments(b1: Any = 0.0, b2: Any = 0.0, eps: Any = 0.0) -> None:
   """The checks of Adam-like hyperparameters: β in [0, 1), ε >= 0."""
-  del where
-  _common.check_unit_interval('b1', b1, allow_none=b1_none)
+  _common.check_unit_interval('b1', b1)
   _common.check_unit_interval('b2', b2)
   _common.check_nonnegative('eps', eps)
 

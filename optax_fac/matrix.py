@@ -189,17 +189,17 @@ def _is_view_leaf(x) -> bool:
   return x is None or isinstance(x, MatrixView)
 
 
-def _is_views_function(views) -> bool:
-  """A function of the params, not a tree of views (optax's mask rule).
+def is_tree_function(spec: Any, is_leaf: Optional[Callable[[Any], bool]] = None
+                     ) -> bool:
+  """True if a mask/views argument is to be called on the params (optax's rule).
 
-  A tree whose pytree type defines ``__call__`` (an equinox-style module)
-  is still a tree: only a spec callable at every leaf is called.
+  A function is callable at its one leaf; a bool tree or a tree of
+  :class:`MatrixView` is not, even when its pytree type (an equinox-style
+  module) defines ``__call__``: only a spec callable at every leaf is called.
   """
-  if views is None or isinstance(views, MatrixView):
-    return False
-  flags = jax.tree.leaves(jax.tree.map(callable, views, is_leaf=_is_view_leaf),
-                          is_leaf=lambda x: isinstance(x, bool))
-  return bool(flags) and all(flags)
+  leaves = jax.tree.leaves(jax.tree.map(callable, spec, is_leaf=is_leaf),
+                           is_leaf=lambda x: isinstance(x, bool))
+  return bool(leaves) and all(leaves)
 
 
 def leaf_path_str(path) -> str:
@@ -229,7 +229,8 @@ def resolve_views(params: Any, views: ViewSpec = None, *,
   Returns:
     A tree of normalised ``MatrixView`` (or None) with the params' structure.
   """
-  if _is_views_function(views):
+  if not isinstance(views, MatrixView) and views is not None and (
+      is_tree_function(views, is_leaf=_is_view_leaf)):
     views = views(params)
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=_is_masked)

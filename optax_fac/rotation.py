@@ -848,7 +848,7 @@ def adadiag(
     Nguyen et al., `Improving Adaptive Moment Optimization via
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
-  alias.check_moments('adadiag', b1, b2, eps)
+  alias.check_moments(b1, b2, eps)
   return _rotated_named(
       lambda _: optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='one', every=every,
       max_dim=max_dim, basis=basis, carry=carry, precision=precision,
@@ -894,7 +894,7 @@ def adadiag_pp(
     Nguyen et al., `Improving Adaptive Moment Optimization via
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
-  alias.check_moments('adadiag_pp', b1, b2, eps)
+  alias.check_moments(b1, b2, eps)
   return _rotated_named(
       lambda _: optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='two', every=every,
       max_dim=max_dim, basis=basis, carry=carry, precision=precision,
