@@ -57,7 +57,27 @@ from optax_fac.subset import scale_by_subspace_momentum
 
 __version__ = '0.1.0'
 
+# The one list of named optimizers (name -> factory), in the order of
+# docs/algorithms.md: §1-2 factored, §3 rotated, §4 SMMF, §5 subset-norm.
+NAMED_OPTIMIZERS = {
+    'hfac': hfac,
+    'sign_fsgd': sign_fsgd,
+    'lion_factor': lion_factor,
+    'adafactor_momentum': adafactor_momentum,
+    'adadiag': adadiag,
+    'adadiag_pp': adadiag_pp,
+    'adafac_diag': adafac_diag,
+    'adafac_diag_pp': adafac_diag_pp,
+    'hfac_diag': hfac_diag,
+    'smmf': smmf,
+    'adam_sn': adam_sn,
+    'adam_snsm': adam_snsm,
+    'rmsprop_sn': rmsprop_sn,
+    'adagrad_sn': adagrad_sn,
+}
+
 __all__ = (
+    'NAMED_OPTIMIZERS',
     'StackedState',
     'stack_leaves',
     'BiasCorrectionState',
