@@ -24,6 +24,7 @@ import optax
 
 from optax_fac import _common
 from optax_fac import matrix
+from optax_fac import sharding
 
 
 # --------------------------------------------------------------------------
@@ -270,3 +271,9 @@ def scale_by_factored_momentum(
     return d, FactoredMomentumState(count=count, u=u, v=v)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+sharding.register_state_rule(FactoredRmsState, {
+    'count': 'scalar', 'row': 'row', 'col': 'col', 'mu': 'param'})
+sharding.register_state_rule(FactoredMomentumState, {
+    'count': 'scalar', 'u': 'row', 'v': 'col'})

@@ -20,6 +20,7 @@ import optax
 from optax_fac import _common
 from optax_fac import factored
 from optax_fac import matrix
+from optax_fac import sharding
 from optax_fac.factored import FactoredMomentumState
 
 
@@ -187,3 +188,7 @@ def scale_by_lion_factor(
                                     v=v)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+sharding.register_state_rule(HfacState, {
+    'count': 'scalar', 'u': 'row', 'v': 'col', 'row': 'row', 'col': 'col'})

@@ -39,11 +39,12 @@ anything else no rule covers                 replicated, with a warning that
                                              names the leaf
 ==========================================  ==================================
 
-Rules live in a registry keyed by the state class (``register_state_rule``;
-rotation.py, smmf.py and subset.py register their states' rules with the
-kinds defined here); the optimizers of this library and the optax states
-that appear in named
-optimizers (``ScaleByAdamState``, ``PartitionState``, ``MaskedState``,
+Rules live in a registry keyed by the state class (``register_state_rule``).
+This module imports only the layout module (:mod:`optax_fac.matrix`); every
+module that defines a state registers that state's rule at import, as
+``jax.tree_util.register_pytree_node`` is used (factored.py, hfac.py,
+rotation.py, smmf.py, subset.py, stacking.py). The optax states that appear
+in named optimizers (``ScaleByAdamState``, ``PartitionState``, ``MaskedState``,
 ``InjectHyperparamsState``, ``MultiStepsState``, ``FactoredState`` of
 ``optax.adafactor``) are covered. A state class without a rule is walked
 generically: a leaf with its parameter's shape copies the parameter's spec, a
@@ -66,7 +67,6 @@ the same values (tested in ``tests/test_parallel.py``).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -286,7 +286,7 @@ _FIELD_KINDS: dict[str, FieldRule] = {
 # _FIELD_KINDS, 'state' to walk a nested optimizer state, 'auto' for the
 # generic treatment, or a callable per-leaf rule), or a callable
 # (node, walker) -> spec node for full control.
-StateRule = Union[Mapping[str, FieldRule], Callable[[Any, '_Walker'], Any]]
+StateRule = Union[Mapping[str, FieldRule], Callable[[Any, 'Walker'], Any]]
 _REGISTRY: dict[type, StateRule] = {}
 
 
@@ -314,7 +314,7 @@ def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-class _Walker:
+class Walker:
   """Walks an abstract optimizer state, producing a tree of specs."""
 
   def __init__(self, params, specs, views, explicit_views, mesh_shape):
@@ -332,6 +332,19 @@ class _Walker:
           view=view, explicit_view=explicit_views, mesh_shape=mesh_shape))
     self.records: list[tuple[str, tuple, P, str]] = []
     self.unhandled: list[str] = []
+
+  def walk_subtree(self, params, specs, views, state, where: str):
+    """Walks ``state`` built on other params (e.g. a stacked tree).
+
+    ``params`` / ``specs`` / ``views`` describe the params ``state`` was
+    built on; the records and unhandled leaves join this walker's report.
+    """
+    mesh_shape = self.infos[0].mesh_shape if self.infos else None
+    sub = Walker(params, specs, views, True, mesh_shape)
+    out = sub.walk(state, where)
+    self.records.extend(sub.records)
+    self.unhandled.extend(sub.unhandled)
+    return out
 
   # -- bookkeeping
   def _record(self, where, x, spec, reason):
@@ -528,7 +541,6 @@ def _abstract_state(tx, abstract, param_specs, mesh):
 
 
 def _walk(tx, params, param_specs, views, mesh, warn):
-  _ensure_rules()
   if param_specs is None:
     param_specs = _specs_from_params(params)
   mesh = _mesh_from(params, mesh)
@@ -537,7 +549,7 @@ def _walk(tx, params, param_specs, views, mesh, warn):
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
   state = _abstract_state(tx, abstract, param_specs, mesh)
   views_tree = matrix.resolve_views(abstract, views, vectors=True)
-  walker = _Walker(abstract, param_specs, views_tree, views is not None,
+  walker = Walker(abstract, param_specs, views_tree, views is not None,
                    mesh_shape)
   specs = walker.walk(state)
   if warn and walker.unhandled:
@@ -626,11 +638,7 @@ register_state_rule(optax.MultiStepsState, {
 if hasattr(optax, 'InjectHyperparamsState'):
   register_state_rule(optax.InjectHyperparamsState, {
       'count': 'scalar', 'hyperparams': 'scalar', 'inner_state': 'state'})
-try:
-  from optax.transforms._combining import PartitionState as _PartitionState
-  register_state_rule(_PartitionState, {'inner_states': 'state'})
-except ImportError:  # pragma: no cover - older optax: walked generically
-  pass
+register_state_rule(optax.transforms.PartitionState, {'inner_states': 'state'})
 
 
 def _optax_factored_rule(field: str):
@@ -651,71 +659,6 @@ def _optax_factored_rule(field: str):
   return rule
 
 
-try:
-  from optax._src.factorized import FactoredState as _FactoredState
-  register_state_rule(_FactoredState, {
-      'count': 'scalar', 'v_row': _optax_factored_rule('v_row'),
-      'v_col': _optax_factored_rule('v_col'), 'v': _optax_factored_rule('v')})
-except ImportError:  # pragma: no cover
-  pass
-
-
-def _register_optax_fac_rules():
-  # optax_fac.hfac is also the name of a function in the package namespace.
-  _factored = importlib.import_module('optax_fac.factored')
-  _hfac = importlib.import_module('optax_fac.hfac')
-  register_state_rule(_factored.FactoredRmsState, {
-      'count': 'scalar', 'row': 'row', 'col': 'col', 'mu': 'param'})
-  register_state_rule(_factored.FactoredMomentumState, {
-      'count': 'scalar', 'u': 'row', 'v': 'col'})
-  register_state_rule(_hfac.HfacState, {
-      'count': 'scalar', 'u': 'row', 'v': 'col', 'row': 'row', 'col': 'col'})
-
-
-_register_optax_fac_rules()
-
-
-def _stacked_rule(node, walker: '_Walker'):
-  """``stacking.StackedState``: walk the inner state on the stacked tree.
-
-  A group's stacked parameter has spec (None, *common), ``common`` being each
-  axis's entry where all members agree, else None (replicated).
-  """
-  stacking = importlib.import_module('optax_fac.stacking')
-  groups = node.groups
-  params, specs = {}, {}
-  views = stacking.stacked_views(groups)
-  for key, idx in zip(groups.keys, groups.members):
-    infos = [walker.infos[i] for i in idx]
-    first = infos[0]
-    common = tuple(e if all(i.spec[a] == e for i in infos) else None
-                   for a, e in enumerate(first.spec))
-    params[key] = jax.ShapeDtypeStruct((len(idx),) + first.shape, jnp.float32)
-    specs[key] = P(None, *common)
-  mesh_shape = walker.infos[0].mesh_shape if walker.infos else None
-  sub = _Walker(params, specs, views, True, mesh_shape)
-  inner = sub.walk(node.inner, 'state.stacked')
-  walker.records.extend(sub.records)
-  walker.unhandled.extend(sub.unhandled)
-  return stacking.StackedState(inner, groups)
-
-
-# The modules that import this one (rotation, smmf, subset) register the
-# rules for their own states at import; make sure they are imported before a
-# state is walked (a class without a rule is walked generically, with a
-# warning for every leaf it cannot place).
-
-_OPTIONAL_MODULES = ('optax_fac.rotation', 'optax_fac.smmf',
-                     'optax_fac.subset', 'optax_fac.stacking')
-_MODULES_IMPORTED = [False]
-
-
-def _ensure_rules():
-  if _MODULES_IMPORTED[0]:
-    return
-  _MODULES_IMPORTED[0] = True
-  for name in _OPTIONAL_MODULES:
-    try:
-      importlib.import_module(name)
-    except ImportError:  # pragma: no cover - a module not written yet
-      pass
+register_state_rule(optax.FactoredState, {
+    'count': 'scalar', 'v_row': _optax_factored_rule('v_row'),
+    'v_col': _optax_factored_rule('v_col'), 'v': _optax_factored_rule('v')})

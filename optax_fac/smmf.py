@@ -51,6 +51,7 @@ import optax
 from optax_fac import _common
 from optax_fac import alias
 from optax_fac import matrix
+from optax_fac import sharding
 from optax_fac import smmf_kernel
 
 _SIGN_BITS = (1, 8)
@@ -773,14 +774,9 @@ def smmf(
       fallback=fallback)
 
 
-def _register_sharding_rule():
-  # Every SMMF state leaf re-lays the parameter out (square-matricized factors,
-  # packed signs): replicated, the same rule the update applies under an
-  # explicit mesh (see _replicated).
-  from optax_fac import sharding  # pylint: disable=g-import-not-at-top
-  sharding.register_state_rule(SMMFState, {
-      'count': 'scalar', 'm_row': 'flat', 'm_col': 'flat', 'm_sign': 'flat',
-      'v_row': 'flat', 'v_col': 'flat'})
-
-
-_register_sharding_rule()
+# Every SMMF state leaf re-lays the parameter out (square-matricized factors,
+# packed signs): replicated, the same rule the update applies under an
+# explicit mesh (see _replicated).
+sharding.register_state_rule(SMMFState, {
+    'count': 'scalar', 'm_row': 'flat', 'm_col': 'flat', 'm_sign': 'flat',
+    'v_row': 'flat', 'v_col': 'flat'})

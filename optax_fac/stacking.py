@@ -42,6 +42,7 @@ import optax
 
 from optax_fac import _common
 from optax_fac import matrix
+from optax_fac import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,9 +250,24 @@ def stack_leaves(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _register_sharding_rule():
-  from optax_fac import sharding  # pylint: disable=g-import-not-at-top
-  sharding.register_state_rule(StackedState, sharding._stacked_rule)  # pylint: disable=protected-access
+def _stacked_rule(node: StackedState, walker: sharding.Walker) -> StackedState:
+  """Sharding of a StackedState: the inner state walked on the stacked tree.
+
+  A group's stacked parameter has spec (None, *common), ``common`` being each
+  axis's entry where all members agree, else None (replicated).
+  """
+  groups = node.groups
+  params, specs = {}, {}
+  for key, idx in zip(groups.keys, groups.members):
+    infos = [walker.infos[i] for i in idx]
+    first = infos[0]
+    common = tuple(e if all(i.spec[a] == e for i in infos) else None
+                   for a, e in enumerate(first.spec))
+    params[key] = jax.ShapeDtypeStruct((len(idx),) + first.shape, jnp.float32)
+    specs[key] = jax.P(None, *common)
+  inner = walker.walk_subtree(params, specs, stacked_views(groups), node.inner,
+                              'state.stacked')
+  return StackedState(inner, groups)
 
 
 def _register_flax_serialization():
@@ -278,5 +294,5 @@ def _register_flax_serialization():
       StackedState, to_state_dict, from_state_dict, override=True)
 
 
-_register_sharding_rule()
+sharding.register_state_rule(StackedState, _stacked_rule)
 _register_flax_serialization()

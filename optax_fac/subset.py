@@ -62,12 +62,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src.base import NO_PARAMS_MSG
 
 from optax_fac import _common
 from optax_fac import alias
 from optax_fac import linalg
 from optax_fac import matrix
+from optax_fac import sharding
 
 SubsetSize = Union[str, int]
 _HEURISTIC = ('heuristic', 'heuristics')
@@ -705,7 +705,9 @@ def add_decayed_updated_weights(
     if no_decay:
       return updates, optax.ScaleByScheduleState(count=count)
     if params is None:
-      raise ValueError(NO_PARAMS_MSG)
+      raise ValueError(
+          'add_decayed_updated_weights needs the current parameters: call '
+          'update(updates, state, params).')
     lr = learning_rate(state.count) if callable(learning_rate) else (
         learning_rate)
     coef = jnp.asarray(lr, jnp.float32) * jnp.asarray(weight_decay,
@@ -1028,14 +1030,8 @@ def _matrix_state_spec(x, info):
   return jax.P(*([None] * len(shape)))
 
 
-def _register_sharding_rules():
-  from optax_fac import sharding  # pylint: disable=g-import-not-at-top
-  sharding.register_state_rule(SubsetNormState, {
-      'count': 'scalar', 'nu': _nu_spec, 'momentum': 'state'})
-  sharding.register_state_rule(SubspaceMomentumState, {
-      'count': 'scalar', 'mu': _matrix_state_spec,
-      'projector': _matrix_state_spec})
-  sharding.register_state_rule(BiasCorrectionState, {'count': 'scalar'})
-
-
-_register_sharding_rules()
+sharding.register_state_rule(SubsetNormState, {
+    'count': 'scalar', 'nu': _nu_spec, 'momentum': 'state'})
+sharding.register_state_rule(SubspaceMomentumState, {
+    'count': 'scalar', 'mu': _matrix_state_spec, 'projector': _matrix_state_spec})
+sharding.register_state_rule(BiasCorrectionState, {'count': 'scalar'})
