@@ -5,19 +5,19 @@ docs/algorithms.md for the math of each).
 """
 
 from optax_fac.accumulation import MultiSteps
-from optax_fac.alias import adafactor_momentum
-from optax_fac.alias import adam_fallback
-from optax_fac.alias import exclude_by_name
-from optax_fac.alias import hfac
-from optax_fac.alias import lion_factor
-from optax_fac.alias import named_optimizer
-from optax_fac.alias import scale_in_float32
-from optax_fac.alias import sign_fsgd
+from optax_fac.compose import adam_fallback
+from optax_fac.compose import exclude_by_name
+from optax_fac.compose import named_optimizer
+from optax_fac.compose import scale_in_float32
+from optax_fac.factored import adafactor_momentum
 from optax_fac.factored import FactoredMomentumState
 from optax_fac.factored import FactoredRmsState
 from optax_fac.factored import scale_by_factored_momentum
 from optax_fac.factored import scale_by_factored_rms
 from optax_fac.hfac import HfacState
+from optax_fac.hfac import hfac
+from optax_fac.hfac import lion_factor
+from optax_fac.hfac import sign_fsgd
 from optax_fac.hfac import scale_by_hfac
 from optax_fac.hfac import scale_by_lion_factor
 from optax_fac.hfac import scale_by_sign_fsgd

@@ -141,7 +141,20 @@ def zero_count() -> jax.Array:
 
 
 def f32(x: jax.Array) -> jax.Array:
+  """The library's float32 rule: ``x`` in float32 (statistics dtype).
+
+  A ``jax.ShapeDtypeStruct`` (abstract init) becomes a float32 one with the
+  same shape and sharding.
+  """
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape, STATS_DTYPE,
+                                sharding=getattr(x, 'sharding', None))
   return x.astype(STATS_DTYPE)
+
+
+def tree_f32(tree: Any) -> Any:
+  """:func:`f32` of every leaf of ``tree``."""
+  return jax.tree.map(f32, tree)
 
 
 def zeros(shape: Sequence[int], dtype=STATS_DTYPE) -> jax.Array:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_fac import _common
+from optax_fac import compose
 from optax_fac import matrix
 from optax_fac import sharding
 
@@ -225,12 +226,21 @@ def scale_by_factored_momentum(
   :func:`scale_by_factored_rms`. Memory m + n per matrix.
 
   Args:
-    b1: momentum decay β1.
+    b1: momentum decay β1 in [0, 1).
     sign: return the signFSGD direction instead of the heavy-ball one.
     views: per-leaf :class:`optax_fac.MatrixView` override.
 
   Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+    A transform with a :class:`FactoredMomentumState`: per (m, n) leaf a row
+    statistic u of shape ``view.row_stat_shape`` and a column statistic v,
+    float32; updates in the input dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_fac
+    >>> tx = optax_fac.scale_by_factored_momentum(b1=0.9)
+    >>> state = tx.init({'w': jnp.ones((6, 4))})
+    >>> state.u['w'].shape, state.v['w'].shape
+    ((6,), (4,))
 
   References:
     Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
@@ -271,6 +281,72 @@ def scale_by_factored_momentum(
     return d, FactoredMomentumState(count=count, u=u, v=v)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+
+# --------------------------------------------------------------------------
+# Named optimizer: the factored second moment on the matrices, Adam elsewhere.
+
+
+def adafactor_momentum(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: Optional[float] = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-30,
+    clipping_threshold: Optional[float] = None,
+    weight_decay: float = 0.0,
+    mask: compose.MaskOrFn = None,
+    *,
+    method_mask: compose.MaskOrFn = None,
+    views: matrix.ViewSpec = None,
+    fallback_eps: float = 1e-8,
+    stack_leaves: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Factored second moment with optional momentum (docs/algorithms.md §1).
+
+  The base optimizer of AdafacDiag: :func:`scale_by_factored_rms` on
+  matrices (``b1=None``: no first moment, memory m + n float32 values per
+  matrix; a float: momentum on the gradient, memory mn + m + n), Adam on the
+  other leaves (β1 = ``b1`` or 0.9, β2, ``fallback_eps``). Unlike
+  ``optax.adafactor`` there is no relative step size and β2 is constant.
+
+  Args:
+    learning_rate: η >= 0, a float or an optax schedule.
+    b1: momentum decay in [0, 1), or None for no first moment.
+    b2: second-moment decay β2 in [0, 1).
+    eps: ε₁ >= 0 added to G² (float32).
+    clipping_threshold: d > 0 of the update clipping (None = off).
+    weight_decay: λ >= 0 of W ← W − η(D + λW).
+    mask: which leaves decay (``optax.adamw``'s ``mask``; None = all).
+    method_mask: which matrices get the factored second moment (None =
+      every ndim >= 2 leaf).
+    views: matrix views per leaf (:class:`optax_fac.MatrixView`).
+    fallback_eps: Adam's ε on the non-matrix leaves.
+    stack_leaves: one stacked statistic per group of same-shape leaves.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (Adafactor-style).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_fac
+    >>> params = {'w': jnp.ones((512, 256)), 'b': jnp.zeros(256)}
+    >>> [optax_fac.state_size(optax_fac.adafactor_momentum(1e-3, b1=b), params)
+    ...  for b in (None, 0.9)]  # bytes without / with momentum, Adam on b
+    [5128, 529416]
+
+  References:
+    Shazeer & Stern, `Adafactor <https://arxiv.org/abs/1804.04235>`_, 2018;
+    Nguyen et al., `AdaDiag <https://arxiv.org/abs/2502.07488>`_, 2025.
+  """
+  return compose.named_optimizer(
+      compose.matrix_method(
+          lambda v: scale_by_factored_rms(
+              b1, b2, eps, clipping_threshold, views=v),
+          views, stack_leaves),
+      learning_rate=learning_rate, weight_decay=weight_decay,
+      mask=mask, method_mask=method_mask, views=views,
+      fallback=compose.adam_fallback(0.9 if b1 is None else b1, b2,
+                                     fallback_eps))
 
 
 sharding.register_state_rule(FactoredRmsState, {

@@ -1,7 +1,9 @@
 """H-Fac, signFSGD and LionFactor: factored (rank-1 row/column) momentum.
 
-docs/algorithms.md §2. The named optimizers ``hfac``, ``sign_fsgd`` and
-``lion_factor`` are in :mod:`optax_fac.alias`.
+docs/algorithms.md §2: the transforms ``scale_by_hfac``, ``scale_by_sign_fsgd``
+and ``scale_by_lion_factor``, and beside them the named optimizers ``hfac``,
+``sign_fsgd`` and ``lion_factor`` (the transform on the matrices, Adam on the
+other leaves; see :mod:`optax_fac.compose`).
 
 References:
   Nguyen, Chen, Liu, Liu, `H-Fac: Memory-Efficient Optimization with
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_fac import _common
+from optax_fac import compose
 from optax_fac import factored
 from optax_fac import matrix
 from optax_fac import sharding
@@ -57,14 +60,26 @@ def scale_by_hfac(
   the AdaDiag paper's prose (App. A.2); the defaults are our choice.
 
   Args:
-    b1: momentum decay β1.
-    b2: second-moment decay β2.
-    eps: ε₁ added to G² (float32).
-    clipping_threshold: d in Û = U / max(1, RMS(U)/d); None disables clipping.
-    views: per-leaf :class:`optax_fac.MatrixView` override.
+    b1: momentum decay β1 in [0, 1).
+    b2: second-moment decay β2 in [0, 1).
+    eps: ε₁ >= 0 added to G² (float32).
+    clipping_threshold: d > 0 in Û = U / max(1, RMS(U)/d); None disables
+      clipping.
+    views: per-leaf :class:`optax_fac.MatrixView` override (ndim <= 1 leaves
+      are seen as 1 x N rows).
 
   Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+    A transform with an :class:`HfacState` (float32 u, r̄ of the row
+    statistic's shape, v, s̄ of the column statistic's; 2(m + n) values per
+    matrix); updates in the input dtype, no learning rate applied.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_fac
+    >>> tx = optax_fac.scale_by_hfac()
+    >>> g = {'w': jnp.ones((6, 4))}
+    >>> d, state = tx.update(g, tx.init(g))
+    >>> d['w'][0]  # t = 1: the clipped Adafactor step G / sqrt(V̂)
+    Array([1., 1., 1., 1.], dtype=float32)
 
   References:
     Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
@@ -188,6 +203,194 @@ def scale_by_lion_factor(
                                     v=v)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+
+# --------------------------------------------------------------------------
+# Named optimizers: the transform on the matrices, Adam on the other leaves.
+
+
+def hfac(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-30,
+    clipping_threshold: Optional[float] = 1.0,
+    weight_decay: float = 0.0,
+    mask: compose.MaskOrFn = None,
+    *,
+    method_mask: compose.MaskOrFn = None,
+    views: matrix.ViewSpec = None,
+    fallback_eps: float = 1e-8,
+    stack_leaves: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""H-Fac (docs/algorithms.md §2.1): factored momentum and second moment.
+
+  Matrices get :func:`scale_by_hfac`; other leaves get Adam with the same
+  β1, β2 and ε = ``fallback_eps`` (ε₁ = ``eps`` is added to G² and is far too
+  small for Adam's denominator). W ← W − η(D + λW). Memory: 2(m + n)
+  float32 values per (m, n) matrix, against 2mn for Adam.
+
+  Args:
+    learning_rate: η >= 0, a float or an optax schedule.
+    b1: momentum decay β1 in [0, 1).
+    b2: second-moment decay β2 in [0, 1).
+    eps: ε₁ >= 0 added to G² (float32; the default 1e-30 as Adafactor's).
+    clipping_threshold: d > 0 of the update clipping Û = U / max(1, RMS(U)/d)
+      (as ``optax.adafactor``'s); None disables it.
+    weight_decay: λ >= 0 of the decoupled decay W ← W − η(D + λW).
+    mask: the weight-decay mask, exactly as ``optax.adamw``'s (bool tree,
+      prefix or function of the params; None = every leaf).
+    method_mask: which matrix leaves get H-Fac (same forms; None = every
+      ndim >= 2 leaf); the others get the Adam fallback.
+    views: per-leaf :class:`optax_fac.MatrixView` (tree, one view, or a
+      function of the params) for leaves whose rows are not ``shape[:-1]``.
+    fallback_eps: Adam's ε on the fallback leaves.
+    stack_leaves: same-shape leaves share one stacked statistic per group
+      (:func:`optax_fac.stack_leaves`): same updates, fewer kernels.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its state is a few vectors
+    per matrix plus Adam's moments of the fallback leaves.
+
+  Raises:
+    ValueError: a hyperparameter out of range (naming it); at init,
+      non-float params or a mask/views tree that does not fit.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_fac
+    >>> params = {'w': jnp.ones((512, 256)), 'b': jnp.zeros(256)}
+    >>> tx = optax_fac.hfac(learning_rate=1e-3)
+    >>> optax_fac.state_size(tx, params)  # bytes; optax.adamw: 1050628
+    8200
+    >>> updates, state = tx.update(params, tx.init(params), params)
+
+  References:
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
+  """
+  return compose.named_optimizer(
+      compose.matrix_method(
+          lambda v: scale_by_hfac(b1, b2, eps, clipping_threshold, views=v),
+          views, stack_leaves),
+      learning_rate=learning_rate, weight_decay=weight_decay,
+      mask=mask, method_mask=method_mask, views=views,
+      fallback=compose.adam_fallback(b1, b2, fallback_eps))
+
+
+def sign_fsgd(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    weight_decay: float = 0.0,
+    mask: compose.MaskOrFn = None,
+    *,
+    method_mask: compose.MaskOrFn = None,
+    views: matrix.ViewSpec = None,
+    fallback_b2: float = 0.999,
+    fallback_eps: float = 1e-8,
+    stack_leaves: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""signFSGD (docs/algorithms.md §2.2): sign descent with factored momentum.
+
+  Matrices get :func:`scale_by_sign_fsgd` (every entry of the step is ±1
+  or 0, so the learning rate is the step's RMS: take it about 10x smaller
+  than Adam's); other leaves get Adam (β1, ``fallback_b2``,
+  ``fallback_eps``). Memory m + n float32 values per matrix.
+
+  Args:
+    learning_rate: η >= 0, a float or an optax schedule.
+    b1: momentum decay β in [0, 1).
+    weight_decay: λ >= 0; the step is W ← W − η(sign(·) + λW).
+    mask: the leaves decayed, as ``optax.adamw``'s ``mask`` (None = all).
+    method_mask: the matrix leaves that get signFSGD (None = every
+      ndim >= 2 leaf); the others get Adam.
+    views: :class:`optax_fac.MatrixView` overrides (tree, view, function).
+    fallback_b2, fallback_eps: Adam's β2 in [0, 1) and ε >= 0 on the
+      fallback leaves.
+    stack_leaves: run on same-shape leaves stacked per group.
+
+  Returns:
+    The signFSGD ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_fac
+    >>> w = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    >>> tx = optax_fac.sign_fsgd(learning_rate=0.1)
+    >>> step, _ = tx.update({'w': w}, tx.init({'w': w}), {'w': w})
+    >>> sorted(set(jnp.abs(step['w']).ravel().tolist()))  # 0.1 * |sign|
+    [0.0, 0.10000000149011612]
+
+  .. note::
+    The paper names signFSGD; the step listing is reconstructed
+    (docs/algorithms.md §2.2).
+
+  References:
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
+  """
+  return compose.named_optimizer(
+      compose.matrix_method(lambda v: scale_by_sign_fsgd(b1, views=v),
+                            views, stack_leaves),
+      learning_rate=learning_rate, weight_decay=weight_decay,
+      mask=mask, method_mask=method_mask, views=views,
+      fallback=compose.adam_fallback(b1, fallback_b2, fallback_eps))
+
+
+def lion_factor(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 0.0,
+    mask: compose.MaskOrFn = None,
+    *,
+    method_mask: compose.MaskOrFn = None,
+    views: matrix.ViewSpec = None,
+    fallback_b2: float = 0.999,
+    fallback_eps: float = 1e-8,
+    stack_leaves: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LionFactor (docs/algorithms.md §2.3): Lion's two βs, factored momentum.
+
+  Matrices get :func:`scale_by_lion_factor`: the sign of an interpolation
+  (β1) between the rank-1 momentum and the gradient, the momentum updated
+  with β2; other leaves get Adam (β1, ``fallback_b2``, ``fallback_eps``).
+  Memory m + n float32 values per matrix. As for ``optax.lion``, take η
+  3-10x smaller than Adam's and λ correspondingly larger.
+
+  Args:
+    learning_rate: η >= 0, a float or an optax schedule.
+    b1: β1 in [0, 1), the interpolation of the sign argument.
+    b2: β2 in [0, 1), the momentum decay.
+    weight_decay: λ >= 0 (decoupled, multiplied by η).
+    mask: weight-decay mask with ``optax.adamw``'s meaning.
+    method_mask: leaves given LionFactor if they are matrices (None = all
+      ndim >= 2 leaves).
+    views: matrix views of leaves (see :class:`optax_fac.MatrixView`).
+    fallback_b2, fallback_eps: β2 and ε of the Adam fallback.
+    stack_leaves: stack same-shape leaves (same updates, fewer kernels).
+
+  Returns:
+    The LionFactor optimizer, an ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_fac
+    >>> tx = optax.inject_hyperparams(optax_fac.lion_factor)(learning_rate=3e-4)
+    >>> state = tx.init({'kernel': jnp.ones((8, 4))})
+    >>> float(state.hyperparams['learning_rate'])
+    0.0003000000142492354
+
+  .. note::
+    The paper names LionFactor; its exact form is reconstructed
+    (docs/algorithms.md §2.3).
+
+  References:
+    Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025;
+    Chen et al., `Lion <https://arxiv.org/abs/2302.06675>`_, 2023.
+  """
+  return compose.named_optimizer(
+      compose.matrix_method(lambda v: scale_by_lion_factor(b1, b2, views=v),
+                            views, stack_leaves),
+      learning_rate=learning_rate, weight_decay=weight_decay,
+      mask=mask, method_mask=method_mask, views=views,
+      fallback=compose.adam_fallback(b1, fallback_b2, fallback_eps))
 
 
 sharding.register_state_rule(HfacState, {

@@ -1,9 +1,13 @@
-"""Canonical orthonormal bases from eigh / SVD (the rotation family, §3).
+"""Decompositions and canonical orthonormal bases (§3 rotation, §5.2).
 
-One decomposition helper, :func:`canonical_basis`, turns the output of a
-decomposition (eigenvectors of G Gᵀ or Gᵀ G with eigenvalues sorted
-descending, or singular vectors with σ²) into a full k×k orthonormal basis
-that depends only on G, not on the method, the backend or the device count:
+The decompositions of the library live here: :func:`eigh_descending`,
+:func:`svd_vectors`, the sign convention :func:`fix_signs` and the top-r
+singular vectors :func:`top_singular_vectors` (Subspace-Momentum's
+projector). For the rotation family, :func:`canonical_basis` turns the
+output of a decomposition (eigenvectors of G Gᵀ or Gᵀ G with eigenvalues
+sorted descending, or singular vectors with σ²) into a full k×k orthonormal
+basis that depends only on G, not on the method, the backend or the device
+count:
 
 * **kept block**: the vectors whose eigenvalue λ = σ² is above the rank
   tolerance (:func:`rank_rtol`) come from the decomposition, with the sign
@@ -26,6 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from optax_fac import matrix
 
 # A completion pivot is the first standard basis vector (in index order)
 # whose residual squared norm is at least this fraction of the largest one.
@@ -67,19 +73,18 @@ def unbatched_on_cpu(decompose, x: jax.Array):
 
   def per_matrix(x):
     batch = x.shape[:-2]
-    out = lax.map(decompose, x.reshape((-1,) + x.shape[-2:]))
-    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+    out = lax.map(decompose, matrix.reshape(
+        x, (math.prod(batch),) + x.shape[-2:]))
+    return jax.tree.map(
+        lambda o: matrix.reshape(o, batch + o.shape[1:]), out)
 
   loop = per_matrix
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and any(t == jax.sharding.AxisType.Explicit
-                            for t in mesh.axis_types):
-    spec = tuple(jax.typeof(x).sharding.spec)
-    bspec = (spec + (None,) * x.ndim)[:x.ndim - 2]
+  if matrix.explicit_mesh():
+    bspec = matrix.sharding_spec(x)[:x.ndim - 2]
     if any(s is not None for s in bspec):
       # lax.map cannot scan an axis sharded under an explicit mesh: loop
       # over each device's own matrices (the matrix axes gathered).
-      x = jax.sharding.reshard(x, jax.P(*bspec, None, None))
+      x = matrix.replicate(x, keep_leading=x.ndim - 2)
       loop = jax.shard_map(per_matrix, in_specs=jax.P(*bspec, None, None),
                            out_specs=jax.P(*bspec))
   return lax.platform_dependent(x, cpu=loop, default=decompose)
@@ -88,8 +93,11 @@ def unbatched_on_cpu(decompose, x: jax.Array):
 def fix_signs(vecs: jax.Array) -> jax.Array:
   """Flips each column so that its largest-magnitude entry is positive.
 
-  The sign convention of docs/algorithms.md §3 [decided]: deterministic bases
-  across backends, and consecutive refreshes do not flip stale momentum.
+  ``vecs``: (..., k, c), one vector per column; returns the same shape. The
+  one sign convention of the library (docs/algorithms.md §3 and §5.2)
+  [decided]: deterministic bases across backends, and consecutive refreshes
+  do not flip stale momentum. The first largest entry decides a tie; a zero
+  column stays as it is.
   """
   idx = jnp.argmax(jnp.abs(vecs), axis=-2)
   pivot = jnp.take_along_axis(vecs, idx[..., None, :], axis=-2)
@@ -109,6 +117,41 @@ def svd_vectors(mats: jax.Array, full_matrices: bool = False):
   u, s, vh = unbatched_on_cpu(
       lambda a: jnp.linalg.svd(a, full_matrices=full_matrices), mats)
   return u, s, jnp.swapaxes(vh, -1, -2)
+
+
+def top_singular_vectors(g: jax.Array, r: int, *, left: bool,
+                         method: str = 'svd', precision: Any = None
+                         ) -> jax.Array:
+  """The top-r left or right singular vectors of matrices, sign-fixed.
+
+  Args:
+    g: (..., m, n) matrices.
+    r: how many vectors, 0 <= r <= min(m, n).
+    left: left singular vectors (of G Gᵀ) if True, right (of Gᵀ G) if False.
+    method: "svd" (thin SVD, :func:`svd_vectors`) or "eigh"
+      (:func:`eigh_descending` of the Gram matrix of that side, computed
+      with ``precision``); both sort by descending σ.
+    precision: matmul precision of the Gram matrix ("eigh" only).
+
+  Returns:
+    (..., m, r) (left) or (..., n, r) (right) in g's dtype, one vector per
+    column, with the sign convention of :func:`fix_signs`. An empty matrix
+    or r = 0 gives zeros of that shape (no decomposition runs). Under an
+    explicit mesh the decompositions need whole matrices: pass g with its
+    matrix axes unsharded (:meth:`optax_fac.matrix.MatrixView.to_matrix`).
+  """
+  k = g.shape[-2] if left else g.shape[-1]
+  if r == 0 or g.size == 0:
+    return jnp.zeros(g.shape[:-2] + (k, r), g.dtype)
+  if method == 'svd':
+    u, _, v = svd_vectors(g, False)
+    vecs = u if left else v
+  else:
+    gt = jnp.swapaxes(g, -1, -2)
+    gram = (jnp.matmul(g, gt, precision=precision) if left
+            else jnp.matmul(gt, g, precision=precision))
+    _, vecs = eigh_descending(gram)
+  return fix_signs(vecs[..., :, :r])
 
 
 def rank_rtol(m: int, n: int, dtype: Any = jnp.float32) -> float:
@@ -181,8 +224,9 @@ def complete_basis(kept: jax.Array, rank: jax.Array) -> jax.Array:
   """
   batch = kept.shape[:-2]
   k = kept.shape[-1]
-  b = kept.reshape((-1, k, k))
-  rank = jnp.broadcast_to(rank, batch).reshape((-1,))
+  nbatch = math.prod(batch)
+  b = matrix.reshape(kept, (nbatch, k, k))
+  rank = matrix.reshape(jnp.broadcast_to(rank, batch), (nbatch,))
   dtype = b.dtype
 
   def residual(b):
@@ -237,7 +281,7 @@ def complete_basis(kept: jax.Array, rank: jax.Array) -> jax.Array:
 
   start = jnp.min(start_b, initial=k)
   b, _ = lax.fori_loop(start, k, body, (b, residual(b)))
-  return b.reshape(batch + (k, k))
+  return matrix.reshape(b, batch + (k, k))
 
 
 def canonical_basis(vecs: jax.Array, values: jax.Array, rtol: Any

@@ -1,7 +1,11 @@
 """How a parameter leaf is seen as a matrix (docs/algorithms.md §0).
 
 This module is the one place that knows about axes, reshapes, batch axes and
-square-matricization. Every transform in the library goes through it.
+square-matricization, and how each reshape is sharded under an explicit mesh
+(:func:`reshape`, :func:`replicate`, :func:`reshard_like`,
+:func:`reshape_tail`, :func:`merge_batch`; :meth:`MatrixView.to_matrix` /
+:meth:`MatrixView.from_matrix`; :class:`SquareLayout`). Every transform in
+the library goes through it.
 
 A :class:`MatrixView` names, for one leaf, which axes are **batch** axes
 (handled independently, e.g. the layer axis of scanned layers), which are
@@ -31,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,21 +144,42 @@ class MatrixView:
 
   # -- Explicit (*batch, m, n) matrices for matrix products ------------------
 
-  def to_matrix(self, x: jax.Array) -> jax.Array:
-    """Transposes/reshapes a leaf to ``(*batch, m, n)``."""
-    m, n = self.dims(x.shape)
-    perm = self.batch + self.rows + self.cols
-    y = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
-    return y.reshape(self.batch_shape(x.shape) + (m, n))
+  def to_matrix(self, x: jax.Array, *, flat_batch: bool = False
+                ) -> jax.Array:
+    """The leaf as matrices: ``(*batch, m, n)``, or ``(B, m, n)`` if flat.
 
-  def from_matrix(self, y: jax.Array, shape: Sequence[int]) -> jax.Array:
-    """Inverse of :meth:`to_matrix` for a leaf of ``shape``."""
+    Transposes to (batch, rows, cols) axis order and reshapes row-major (the
+    row and column indices are flattened in the view's axis order).
+
+    Under an explicit mesh [decided] the matrix axes are gathered first
+    (each device holds whole matrices: a decomposition needs them, and the
+    factored statistics never come here); the batch axes keep their
+    sharding. With ``flat_batch`` the batch axes are merged into one axis of
+    size B = prod(batch) (a leaf without batch axes gives B = 1), sharded as
+    :func:`merge_batch` says.
+    """
+    m, n = self.dims(x.shape)
+    nb = len(self.batch)
+    y = replicate(_to_front(x, self.batch + self.rows + self.cols), nb)
+    y = reshape_tail(y, nb, (m, n))
+    return merge_batch(y, nb, (m, n)) if flat_batch else y
+
+  def from_matrix(self, y: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of :meth:`to_matrix` (not flat): ``(*batch, m, n)`` -> leaf.
+
+    Args:
+      y: ``(*batch, m, n)`` matrices of this view.
+      like: the leaf (an array of the leaf's shape) whose layout to restore.
+
+    Returns:
+      An array of ``like``'s shape; under an explicit mesh with ``like``'s
+      sharding (the batch axes keep ``y``'s sharding through the reshape,
+      then the result is resharded like ``like``).
+    """
     perm = self.batch + self.rows + self.cols
-    permuted_shape = tuple(shape[a] for a in perm)
-    x = y.reshape(permuted_shape)
-    if perm == tuple(range(len(shape))):
-      return x
-    return jnp.transpose(x, np.argsort(perm))
+    x = reshape_tail(y, len(self.batch),
+                     tuple(like.shape[a] for a in perm[len(self.batch):]))
+    return reshard_like(_from_front(x, perm), like)
 
 
 def explicit_mesh() -> bool:
@@ -163,10 +189,119 @@ def explicit_mesh() -> bool:
       t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
 
-def sharding_spec(x) -> tuple:
-  """``x``'s PartitionSpec entries under sharding-in-types, one per axis."""
+def sharding_spec(x, axes: Optional[Sequence[int]] = None) -> tuple:
+  """``x``'s PartitionSpec entries under sharding-in-types, one per axis.
+
+  With ``axes``, the entries of those axes of ``x`` in that order.
+  """
   spec = tuple(jax.typeof(x).sharding.spec)
-  return spec + (None,) * (x.ndim - len(spec))
+  spec = spec + (None,) * (x.ndim - len(spec))
+  return spec if axes is None else tuple(spec[a] for a in axes)
+
+
+# --------------------------------------------------------------------------
+# Sharding-aware reshapes: every reshape of the library is one of these.
+#
+# Under a mesh with Explicit axis types (``jax.set_mesh``, sharding in types)
+# a reshape that merges or splits a sharded axis must name its output
+# sharding, and these functions name it by the rules written on each.
+# Outside such a mesh (no mesh, automatic sharding, one device, inside
+# ``shard_map``) they are the plain ``jnp`` operations and XLA decides.
+
+
+def _entries(spec, ndim: int) -> tuple:
+  """PartitionSpec entries from a sequence or a callable, padded to ndim."""
+  entries = tuple(spec() if callable(spec) else spec)
+  return entries + (None,) * (ndim - len(entries))
+
+
+def reshape(x: jax.Array, shape: Sequence[int], spec: Any = None
+            ) -> jax.Array:
+  """``x`` reshaped row-major to ``shape`` (same size).
+
+  Args:
+    x: any array.
+    shape: the output shape.
+    spec: the output's PartitionSpec entries under an explicit mesh: a
+      sequence (shorter than ``shape``: the rest None) or a callable
+      returning one, called only under an explicit mesh. None: no sharding
+      is named (JAX infers it, as ``x.reshape``), with or without a mesh.
+
+  Returns:
+    The reshaped array (``x`` itself when its shape, and under an explicit
+    mesh with ``spec`` its sharding, already match).
+  """
+  shape = tuple(shape)
+  if spec is None or not explicit_mesh():
+    return x if tuple(x.shape) == shape else x.reshape(shape)
+  entries = _entries(spec, len(shape))
+  if tuple(x.shape) == shape and sharding_spec(x) == entries:
+    return x
+  return lax.reshape(x, shape, out_sharding=jax.P(*entries))
+
+
+def replicate(x: Optional[jax.Array], keep_leading: int = 0
+              ) -> Optional[jax.Array]:
+  """``x`` with its axes from ``keep_leading`` on unsharded.
+
+  Under an explicit mesh, reshards ``x`` so that every axis after the first
+  ``keep_leading`` is replicated (gathered) and the first ``keep_leading``
+  keep their sharding; ``keep_leading=0`` replicates ``x`` fully. ``x``
+  unchanged if it is None, already laid out so, or outside an explicit mesh.
+  """
+  if x is None or not explicit_mesh():
+    return x
+  spec = sharding_spec(x)
+  if all(e is None for e in spec[keep_leading:]):
+    return x
+  return jax.sharding.reshard(
+      x, jax.P(*spec[:keep_leading], *([None] * (x.ndim - keep_leading))))
+
+
+def reshard_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """``x`` with the sharding of ``ref`` (same rank) under an explicit mesh.
+
+  ``x`` unchanged outside an explicit mesh or if it is already so sharded.
+  """
+  if not explicit_mesh() or sharding_spec(x) == sharding_spec(ref):
+    return x
+  return jax.sharding.reshard(x, jax.P(*sharding_spec(ref)))
+
+
+def reshape_tail(x: jax.Array, nb: int, tail: Sequence[int]) -> jax.Array:
+  """``(*batch, ...)`` -> ``(*batch, *tail)``: the axes after the first ``nb``
+  reshaped to ``tail``.
+
+  Under an explicit mesh the ``nb`` batch axes keep their sharding and the
+  new tail axes are replicated (the caller gathers them first where they
+  were sharded, see :func:`replicate`).
+  """
+  return reshape(x, tuple(x.shape[:nb]) + tuple(tail),
+                 lambda: sharding_spec(x)[:nb])
+
+
+def merge_batch(x: jax.Array, nb: int, tail: Sequence[int] = ()
+                ) -> jax.Array:
+  """``(*batch, ...)`` with ``nb`` leading batch axes -> ``(B, *tail)``.
+
+  B = prod(batch) (1 for ``nb = 0``). Under an explicit mesh B keeps the
+  sharding of the one batch axis when ``nb == 1`` and is replicated
+  otherwise; the tail axes are replicated.
+  """
+  flat = (math.prod(x.shape[:nb]),) + tuple(tail)
+  return reshape(x, flat, lambda: sharding_spec(x)[:1] if nb == 1 else ())
+
+
+def _to_front(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+  """``jnp.transpose(x, perm)``, or ``x`` for the identity ``perm``."""
+  return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+
+
+def _from_front(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+  """Inverse of :func:`_to_front`."""
+  if perm == tuple(range(x.ndim)):
+    return x
+  return jnp.transpose(x, np.argsort(perm))
 
 
 def default_view(shape: Sequence[int]) -> Optional[MatrixView]:
@@ -271,6 +406,113 @@ def square_shape(n: int) -> tuple[int, int]:
     if n % d == 0:
       return (n // d, d)
   raise AssertionError('unreachable')
+
+
+# --------------------------------------------------------------------------
+# SMMF's square-matricization of a leaf (docs/algorithms.md §4).
+#
+# [decided] Under a mesh with Explicit axes a reshape to the square view must
+# name its output sharding. The square view (SMMF's step temporaries M, V) is
+# sharded along its rows (n1) over the mesh axes that shard the leaf's
+# non-batch axes when n1 is divisible by their size, and replicated otherwise;
+# batch axes keep their sharding. The persistent state (factors, packed signs;
+# O(sqrt N) floats and N/8 bytes) is replicated (:func:`replicate`), as
+# optax_fac.sharding's rule for SMMF states says. Without an explicit mesh
+# (jit with automatic sharding, one device) nothing is specified and XLA
+# decides.
+
+
+def _axis_names(entry) -> tuple[str, ...]:
+  """The mesh axis names of one PartitionSpec entry."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+@dataclasses.dataclass(frozen=True)
+class SquareLayout:
+  """How SMMF sees one leaf: ``(*batch, n1, n2)``, or ``(*batch, N)`` if dense.
+
+  The batch axes come first (in the view's order), the other axes are
+  flattened row-major into N elements per batch element and square-matricized
+  to (n1, n2) = :func:`square_shape` (N); a dense leaf keeps the flat (N,).
+  """
+  shape: tuple[int, ...]
+  batch: tuple[int, ...]        # batch axes of the leaf
+  batch_shape: tuple[int, ...]
+  n: int                        # elements per batch element
+  n1: int
+  n2: int
+  dense: bool
+
+  @property
+  def perm(self) -> tuple[int, ...]:
+    """The leaf's axes, batch axes first."""
+    rest = tuple(a for a in range(len(self.shape)) if a not in self.batch)
+    return self.batch + rest
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of packed sign bits per batch element."""
+    return -(-self.n // 8)
+
+  def reshape(self, x: jax.Array, tail: Sequence[int]) -> jax.Array:
+    """``(*batch, ...)`` -> ``(*batch, *tail)`` by the square view's rule.
+
+    Under an explicit mesh the batch axes keep their sharding and the first
+    tail axis is sharded over the mesh axes that shard ``x``'s non-batch axes
+    when its size is divisible by theirs; every other tail axis (and the
+    first one otherwise) is replicated.
+    """
+    nb = len(self.batch)
+    shape = self.batch_shape + tuple(tail)
+
+    def spec():
+      entries = sharding_spec(x)
+      rows = tuple(a for e in entries[nb:] for a in _axis_names(e))
+      mesh = jax.sharding.get_abstract_mesh()
+      size = math.prod(mesh.shape[a] for a in rows)
+      rest = [None] * (len(shape) - nb)
+      if rest and rows and shape[nb] % size == 0:
+        rest[0] = rows if len(rows) > 1 else rows[0]
+      return entries[:nb] + tuple(rest)
+
+    return reshape(x, shape, spec)
+
+  def to_square(self, x: jax.Array) -> jax.Array:
+    """Leaf -> ``(*batch, n1, n2)``, or ``(*batch, N)`` for a dense leaf.
+
+    Sharded under an explicit mesh by :meth:`reshape`'s rule.
+    """
+    tail = (self.n,) if self.dense else (self.n1, self.n2)
+    return self.reshape(_to_front(x, self.perm), tail)
+
+  def from_square(self, y: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of :meth:`to_square`: ``(*batch, n1, n2)`` or ``(*batch, N)``
+    -> the leaf's shape; under an explicit mesh with ``like``'s sharding
+    (``like``: an array laid out as the leaf)."""
+    permuted = tuple(self.shape[a] for a in self.perm)
+    x = reshape(y, permuted, lambda: sharding_spec(like, self.perm))
+    return _from_front(x, self.perm)
+
+
+def square_layout(shape: Sequence[int], view: Optional[MatrixView],
+                  vector_reshape: bool) -> SquareLayout:
+  """The :class:`SquareLayout` of a leaf of ``shape``.
+
+  Only ``view``'s batch axes are used (None: no batch axes). The leaf is
+  kept dense, as the official SMMF code does, iff ``vector_reshape`` is off
+  and it is 1-D after squeezing; scalars and (1, ..., 1) leaves are
+  factorized. An empty leaf gets n1 = n2 = 0.
+  """
+  shape = tuple(int(d) for d in shape)
+  batch = () if view is None else tuple(view.batch)
+  batch_shape = tuple(shape[a] for a in batch)
+  rest = [shape[a] for a in range(len(shape)) if a not in batch]
+  n = math.prod(rest)
+  dense = (not vector_reshape) and sum(d != 1 for d in rest) == 1
+  n1, n2 = (0, 0) if n == 0 else square_shape(n)
+  return SquareLayout(shape, batch, batch_shape, n, n1, n2, dense)
 
 
 def largest_divisor_at_most(n: int, k: int) -> int:

@@ -2,8 +2,8 @@
 
     >>> import jax, jax.numpy as jnp, optax_fac
     >>> params = {'w': jax.ShapeDtypeStruct((512, 1376), jnp.float32)}
-    >>> optax_fac.state_size(optax_fac.hfac(1e-3), params)
-    15552
+    >>> optax_fac.state_size(optax_fac.hfac(1e-3), params)  # 2(m + n) floats
+    15112
 
 ``state_size`` counts bytes of every array in ``tx.init(params)`` (step
 counters included); ``state_report`` breaks them down per parameter leaf and

@@ -26,6 +26,7 @@ References:
 
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -36,7 +37,7 @@ import optax
 from jax import lax
 
 from optax_fac import _common
-from optax_fac import alias
+from optax_fac import compose
 from optax_fac import factored
 from optax_fac.hfac import scale_by_hfac
 from optax_fac import linalg
@@ -138,19 +139,14 @@ def rotated_sides(shape: Sequence[int], view: Optional[matrix.MatrixView] = None
 
 # --------------------------------------------------------------------------
 # Linear algebra in the leaf's own layout (no reshape of the gradient, so that
-# sharded leaves stay sharded under an explicit mesh).
-
-
-_explicit_mesh = matrix.explicit_mesh
-
-
-_spec = matrix.sharding_spec
+# sharded leaves stay sharded under an explicit mesh; the few reshapes are
+# optax_fac.matrix's).
 
 
 def _dot(lhs, rhs, dims, out_spec_fn, precision):
   """``lax.dot_general`` in float32; under an explicit mesh the output spec is
   given (contracting a sharded axis is otherwise ambiguous)."""
-  out_sharding = jax.P(*out_spec_fn()) if _explicit_mesh() else None
+  out_sharding = jax.P(*out_spec_fn()) if matrix.explicit_mesh() else None
   return lax.dot_general(lhs, rhs, dims, precision=precision,
                          preferred_element_type=lhs.dtype,
                          out_sharding=out_sharding)
@@ -169,7 +165,7 @@ def _basis_tensor(b, plan: _Plan, side: str):
   if len(axes) == 1:
     return b
   dims = tuple(plan.shape[a] for a in axes)
-  return b.reshape(plan.batch_shape + dims + dims)
+  return matrix.reshape(b, plan.batch_shape + dims + dims)
 
 
 def _rotate_side(x, b, plan: _Plan, side: str, transpose: bool, precision):
@@ -189,12 +185,14 @@ def _rotate_side(x, b, plan: _Plan, side: str, transpose: bool, precision):
     # Pᵀ X: out[b, i', c] = Σ_i P[b, i, i'] X[b, i, c]; P X contracts i'.
     dims = ((first if transpose else second, axes), (tuple(range(nb)), v.batch))
     out_axes = v.batch + axes + other
-    out = _dot(bt, x, dims, lambda: [_spec(x)[a] for a in out_axes], precision)
+    out = _dot(bt, x, dims, lambda: matrix.sharding_spec(x, out_axes),
+               precision)
   else:
     # X Q: out[b, r, j'] = Σ_j X[b, r, j] Q[b, j, j']; X Qᵀ contracts j'.
     dims = ((axes, first if transpose else second), (v.batch, tuple(range(nb))))
     out_axes = v.batch + other + axes
-    out = _dot(x, bt, dims, lambda: [_spec(x)[a] for a in out_axes], precision)
+    out = _dot(x, bt, dims, lambda: matrix.sharding_spec(x, out_axes),
+               precision)
   return _to_leaf_layout(out, out_axes)
 
 
@@ -216,21 +214,19 @@ def _backward(x, left, right, plan: _Plan, precision):
   return x
 
 
-def _flat_batch_spec(x, plan: _Plan):
-  spec = _spec(x)
-  if len(plan.view.batch) == 1:
-    return (spec[plan.view.batch[0]],)
-  return (None,) * min(1, len(plan.view.batch))
-
-
 def _gram(x, plan: _Plan, side: str):
-  """G Gᵀ (left) or Gᵀ G (right) as (B, k, k), full float32 precision."""
+  """G Gᵀ (left) or Gᵀ G (right) as (B, k, k), full float32 precision.
+
+  Under an explicit mesh the matrix axes are replicated and B is sharded as
+  :func:`optax_fac.matrix.merge_batch` says.
+  """
   v = plan.view
   axes = plan.side_axes(side)
   other = v.cols if side == 'left' else v.rows
   dims = ((other, other), (v.batch, v.batch))
   srt = tuple(sorted(axes))
-  bspec = lambda: [_spec(x)[a] for a in v.batch] + [None] * (2 * len(axes))
+  bspec = lambda: (matrix.sharding_spec(x, v.batch)
+                   + (None,) * (2 * len(axes)))
   g = _dot(x, x, dims, bspec, lax.Precision.HIGHEST)
   nb = len(v.batch)
   if srt != axes:  # free dims come in sorted axis order; we need view order
@@ -239,32 +235,7 @@ def _gram(x, plan: _Plan, side: str):
             + tuple(nb + len(axes) + p for p in pos))
     g = jnp.transpose(g, perm)
   k = plan.side_dim(side)
-  return _reshape(g, (plan.nbatch, k, k), lambda: _flat_batch_spec(x, plan)
-                  + (None, None))
-
-
-def _as_matrix(x, plan: _Plan):
-  """The leaf as (B, m, n) (for the SVD path)."""
-  v = plan.view
-  perm = v.batch + v.rows + v.cols
-  y = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
-  return _reshape(y, (plan.nbatch, plan.m, plan.n),
-                  lambda: _flat_batch_spec(x, plan) + (None, None))
-
-
-def _like(x, ref):
-  """Under an explicit mesh, gives ``x`` the sharding of ``ref``."""
-  if _explicit_mesh():
-    return jax.sharding.reshard(x, jax.P(*_spec(ref)))
-  return x
-
-
-def _reshape(x, shape, spec_fn):
-  if tuple(x.shape) == tuple(shape):
-    return x
-  if _explicit_mesh():
-    return lax.reshape(x, shape, out_sharding=jax.P(*spec_fn()))
-  return x.reshape(shape)
+  return matrix.merge_batch(g, nb, (k, k))
 
 
 # --------------------------------------------------------------------------
@@ -282,12 +253,10 @@ def _all_finite(x):
   return jnp.all(jnp.isfinite(x), axis=(-2, -1))
 
 
-def _per_matrix(y, x, plan: _Plan):
-  """A leaf-rank statistic with size-1 row and column axes -> (B,)."""
-  v = plan.view
-  perm = v.batch + v.rows + v.cols
-  y = y if perm == tuple(range(y.ndim)) else jnp.transpose(y, perm)
-  return _reshape(y, (plan.nbatch,), lambda: _flat_batch_spec(x, plan))
+def _per_matrix(y, plan: _Plan):
+  """A leaf-rank statistic with size-1 row and column axes -> (B,) (under an
+  explicit mesh sharded as :func:`optax_fac.matrix.merge_batch` says)."""
+  return matrix.merge_batch(plan.view.to_matrix(y), len(plan.view.batch))
 
 
 def _unit_max(x, plan: _Plan):
@@ -297,7 +266,7 @@ def _unit_max(x, plan: _Plan):
   the identity)."""
   axes = plan.view.rows + plan.view.cols
   scale = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
-  return linalg.scale_to_unit_max(x, axes), _per_matrix(scale, x, plan)
+  return linalg.scale_to_unit_max(x, axes), _per_matrix(scale, plan)
 
 
 def _rotated_bound(x, plan: _Plan, side: str):
@@ -308,7 +277,7 @@ def _rotated_bound(x, plan: _Plan, side: str):
   along, across = (v.rows, v.cols) if side == 'left' else (v.cols, v.rows)
   sq = jnp.max(jnp.sum(x * x, axis=along, keepdims=True), axis=across,
                keepdims=True)
-  return _per_matrix(sq, x, plan)
+  return _per_matrix(sq, plan)
 
 
 def _squares_finite(scale, bound):
@@ -377,7 +346,7 @@ def _new_bases(xs, plans, basis):
       if plan.rotated:
         x, scale = _unit_max(x, plan)
         groups.setdefault((plan.m, plan.n), []).append(
-            (i, _as_matrix(x, plan), scale,
+            (i, plan.view.to_matrix(x, flat_batch=True), scale,
              {side: bound(x, plan, side) for side in ('left', 'right')
               if getattr(plan, side)}))
     for items in groups.values():
@@ -643,11 +612,12 @@ def svd_rotation(
             vecs, ok, rank = new[(i, side)]
             k = plan.side_dim(side)
             old = olds[i]
-            vecs = vecs.reshape(plan.batch_shape + (k, k)).astype(old.dtype)
-            ok = ok.reshape(plan.batch_shape)
-            outs.append(jnp.where(ok[..., None, None], _like(vecs, old), old))
+            vecs = matrix.reshape(vecs, plan.batch_shape + (k, k))
+            vecs = matrix.reshard_like(vecs.astype(old.dtype), old)
+            ok = matrix.reshape(ok, plan.batch_shape)
+            outs.append(jnp.where(ok[..., None, None], vecs, old))
             ok_all = ok_all & ok
-            ranks[side] = rank.reshape(plan.batch_shape)
+            ranks[side] = matrix.reshape(rank, plan.batch_shape)
           fresh.append((ok_all, ranks.get('left'), ranks.get('right')))
         if inner_state is not None:
           flat_state = (lefts, rights, new_l, new_r)
@@ -764,55 +734,29 @@ sharding.register_state_rule(SvdRotationState, {
 
 
 def _rotated_named(make_inner, *, sides, every, max_dim, basis, carry,
-                   precision, views, learning_rate, weight_decay,
-                   mask, method_mask, fallback, stack_leaves=True):
-  """``make_inner(views)`` rotated on the matrices, named-optimizer chain."""
+                   precision, views, stack_leaves, fallback, **named):
+  """``make_inner(views)`` rotated on the matrices, as a named optimizer."""
   _common.check_dynamic_int('every', every)
   _common.structural_int('max_dim', max_dim, DEFAULT_MAX_DIM)
-  method = alias.matrix_method(
-      lambda v: alias.scale_in_float32(svd_rotation(
+  method = compose.matrix_method(
+      lambda v: compose.scale_in_float32(svd_rotation(
           make_inner(v), sides=sides, every=every, max_dim=max_dim, basis=basis,
           carry=carry, precision=precision, views=v)),
       views, stack_leaves)
-  return alias.named_optimizer(
-      method, learning_rate=learning_rate, weight_decay=weight_decay,
-      mask=mask, method_mask=method_mask, views=views, fallback=fallback)
+  return compose.named_optimizer(method, views=views, fallback=fallback,
+                                 **named)
 
 
-_COMMON_ARGS_DOC = """    weight_decay: λ of the decoupled decay W ← W − η(D + λW), applied in the
-      original coordinates.
-    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
-      prefix, or a function of the params); None = every leaf.
-    method_mask: which matrix leaves get the rotated method (same forms);
-      None = every ndim >= 2 leaf. The paper-faithful LLaMA recipes exclude
-      the token embedding (it then gets the Adam fallback).
-    every: basis refresh period T >= 1 (may be injected with
-      ``optax.inject_hyperparams``; a traced int is fine).
-    max_dim: sides longer than this are not rotated; None = 8192
-      (structural: decides the state's shapes).
-    basis: "eigh" (default), "svd" or "identity" (static; see
-      :func:`svd_rotation`).
-    views: per-leaf :class:`optax_fac.MatrixView` override.
-    precision: precision of the rotation matmuls (see :func:`svd_rotation`).
-    stack_leaves: run on same-shape leaves stacked (:mod:`optax_fac.stacking`).
-"""
-
-
-def _with_common_args(fn):
-  fn.__doc__ = fn.__doc__.replace('    {common_args}\n', _COMMON_ARGS_DOC + '\n')
-  return fn
-
-
-@_with_common_args
 def adadiag(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    mask: alias.MaskOrFn = None,
+    mask: compose.MaskOrFn = None,
     *,
-    method_mask: alias.MaskOrFn = None,
+    method_mask: compose.MaskOrFn = None,
+    sides: str = 'one',
     every: int = 200,
     max_dim: Optional[int] = None,
     basis: str = 'eigh',
@@ -821,104 +765,77 @@ def adadiag(
     precision: Any = None,
     stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""AdaDiag: Adam in the one-sided singular basis (docs/algorithms.md §3).
+  r"""AdaDiag: Adam in the gradient's singular basis (docs/algorithms.md §3).
 
-  ``svd_rotation(scale_by_adam(b1, b2, eps), sides="one")`` on matrices (float32
-  statistics), Adam with the same β1, β2, ε on other leaves; then decoupled
-  weight decay and the learning rate. With ``basis="identity"`` it equals
-  ``optax.adamw`` with float32 moments. Memory 2mn + min(m, n)² per matrix.
+  ``svd_rotation(scale_by_adam(b1, b2, eps), sides)`` on matrices (float32
+  statistics), Adam with the same β1, β2, ε on the other leaves; then
+  decoupled weight decay (in the original coordinates) and the learning
+  rate. With ``basis="identity"`` it equals ``optax.adamw`` with float32
+  moments. Memory per (m, n) matrix: 2mn + min(m, n)² (``sides="one"``) or
+  2mn + m² + n² (``"two"``, :data:`adadiag_pp`).
 
   Args:
-    learning_rate: a float or an optax schedule (η).
-    b1, b2, eps: Adam's β1, β2, ε.
-    carry: "keep" (paper) or "rotate" the first moment at a refresh.
-    {common_args}
+    learning_rate: η >= 0, a float or an optax schedule.
+    b1: Adam's β1 in [0, 1) (rotated coordinates).
+    b2: Adam's β2 in [0, 1).
+    eps: Adam's ε >= 0.
+    weight_decay: λ >= 0 of W ← W − η(D + λW).
+    mask: which leaves decay, as ``optax.adamw``'s ``mask``; None = all.
+    method_mask: which matrices are rotated (bool tree or function; None =
+      every ndim >= 2 leaf; the paper's LLaMA recipe excludes the token
+      embedding, which then gets the Adam fallback).
+    sides: ``"one"`` (AdaDiag: the smaller side, ties = rows) or ``"two"``
+      (AdaDiag++: both sides).
+    every: basis refresh period T >= 1 (steps 1, 1 + T, ...); a traced int
+      is fine (``optax.inject_hyperparams``).
+    max_dim: sides longer than this are not rotated; None = 8192
+      (structural: decides the state's shapes).
+    basis: ``"eigh"`` of the Gram matrix (default), ``"svd"`` or
+      ``"identity"`` (static; see :func:`svd_rotation`).
+    carry: the first moment at a refresh: ``"keep"`` (paper) or
+      ``"rotate"`` into the new basis.
+    views: :class:`optax_fac.MatrixView` overrides (tree, view, function).
+    precision: ``jax.lax.Precision`` of the rotation matmuls (None = the
+      backend default; see :func:`svd_rotation`).
+    stack_leaves: rotate same-shape leaves as one stacked batch.
+
   Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+    An ``optax.GradientTransformationExtraArgs``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_fac
-    >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}
-    >>> tx = optax_fac.adadiag(learning_rate=1e-2)
-    >>> state = tx.init(params)
-    >>> updates, state = tx.update(params, state, params)
-    >>> params = optax.apply_updates(params, updates)
+    >>> params = {'w': jnp.ones((512, 256)), 'b': jnp.zeros(256)}
+    >>> tx = optax_fac.adadiag(learning_rate=1e-3, every=100)
+    >>> optax_fac.state_size(tx, params)  # 2mn + 256² floats; adamw: 1050628
+    1312780
 
   References:
     Nguyen et al., `Improving Adaptive Moment Optimization via
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
-  alias.check_moments(b1, b2, eps)
+  compose.check_moments(b1, b2, eps)
   return _rotated_named(
-      lambda _: optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='one', every=every,
-      max_dim=max_dim, basis=basis, carry=carry, precision=precision,
-      views=views, stack_leaves=stack_leaves, learning_rate=learning_rate,
-      weight_decay=weight_decay,
-      mask=mask, method_mask=method_mask,
-      fallback=alias.adam_fallback(b1, b2, eps))
+      lambda _: optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides=sides,
+      every=every, max_dim=max_dim, basis=basis, carry=carry,
+      precision=precision, views=views, stack_leaves=stack_leaves,
+      fallback=compose.adam_fallback(b1, b2, eps), learning_rate=learning_rate,
+      weight_decay=weight_decay, mask=mask, method_mask=method_mask)
 
 
-@_with_common_args
-def adadiag_pp(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    mask: alias.MaskOrFn = None,
-    *,
-    method_mask: alias.MaskOrFn = None,
-    every: int = 200,
-    max_dim: Optional[int] = None,
-    basis: str = 'eigh',
-    carry: str = 'keep',
-    views: matrix.ViewSpec = None,
-    precision: Any = None,
-    stack_leaves: bool = True,
-) -> optax.GradientTransformationExtraArgs:
-  r"""AdaDiag++: Adam in the two-sided singular basis (docs/algorithms.md §3).
+adadiag_pp = functools.partial(adadiag, sides='two')
+adadiag_pp.__doc__ = r"""AdaDiag++: :func:`adadiag` with ``sides="two"`` (docs/algorithms.md §3).
 
-  ``svd_rotation(scale_by_adam(b1, b2, eps), sides="two")`` on matrices, Adam
+  Adam in the two-sided singular basis G̃ = Pᵀ G Q on every matrix, Adam
   elsewhere. At t = 1 (with a tiny ε) the step is the polar factor U Vᵀ of
-  the gradient. Memory 2mn + m² + n² per matrix.
-
-  Args:
-    learning_rate: a float or an optax schedule (η).
-    b1, b2, eps: Adam's β1, β2, ε.
-    carry: "keep" (paper) or "rotate" the first moment at a refresh.
-    {common_args}
-  Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+  the gradient. Memory 2mn + m² + n² per (m, n) matrix. Every argument is
+  :func:`adadiag`'s.
 
   References:
     Nguyen et al., `Improving Adaptive Moment Optimization via
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
-  alias.check_moments(b1, b2, eps)
-  return _rotated_named(
-      lambda _: optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides='two', every=every,
-      max_dim=max_dim, basis=basis, carry=carry, precision=precision,
-      views=views, stack_leaves=stack_leaves, learning_rate=learning_rate,
-      weight_decay=weight_decay,
-      mask=mask, method_mask=method_mask,
-      fallback=alias.adam_fallback(b1, b2, eps))
 
 
-def _adafac_diag(sides, learning_rate, b1, b2, eps, clipping_threshold,
-                 weight_decay, mask, method_mask, every, max_dim, basis,
-                 carry, views, precision, fallback_eps, stack_leaves):
-  def inner(v):
-    return factored.scale_by_factored_rms(b1, b2, eps, clipping_threshold, views=v)
-  return _rotated_named(
-      inner, sides=sides, every=every, max_dim=max_dim, basis=basis,
-      carry=carry, precision=precision, views=views, stack_leaves=stack_leaves,
-      learning_rate=learning_rate, weight_decay=weight_decay,
-      mask=mask, method_mask=method_mask,
-      fallback=alias.adam_fallback(0.9 if b1 is None else b1, b2,
-                                   fallback_eps))
-
-
-@_with_common_args
 def adafac_diag(
     learning_rate: optax.ScalarOrSchedule,
     b1: Optional[float] = 0.9,
@@ -926,9 +843,10 @@ def adafac_diag(
     eps: float = 1e-30,
     clipping_threshold: Optional[float] = None,
     weight_decay: float = 0.0,
-    mask: alias.MaskOrFn = None,
+    mask: compose.MaskOrFn = None,
     *,
-    method_mask: alias.MaskOrFn = None,
+    method_mask: compose.MaskOrFn = None,
+    sides: str = 'one',
     every: int = 200,
     max_dim: Optional[int] = None,
     basis: str = 'eigh',
@@ -938,85 +856,76 @@ def adafac_diag(
     fallback_eps: float = 1e-8,
     stack_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""AdafacDiag: factored second moment in the one-sided basis (§3).
+  r"""AdafacDiag: the factored second moment in the singular basis (§3).
 
   ``svd_rotation(scale_by_factored_rms(b1, b2, eps, clipping_threshold),
-  sides="one")`` on matrices; ``b1=None`` is AdafacDiag without momentum
-  (memory m + n + min(m, n)²), a float with momentum on the gradient (memory
-  mn + m + n + min(m, n)²). Other leaves get Adam (β1 = ``b1`` or 0.9, β2,
-  ``fallback_eps``). With ``basis="identity"`` it equals
-  :func:`optax_fac.adafactor_momentum`.
+  sides)`` on matrices; ``b1=None`` is AdafacDiag without momentum (memory
+  m + n + min(m, n)² per matrix with ``sides="one"``), a float adds momentum
+  on the rotated gradient (+ mn). Other leaves get Adam (β1 = ``b1`` or 0.9,
+  β2, ``fallback_eps``). With ``basis="identity"`` it equals
+  :func:`optax_fac.adafactor_momentum`; ``sides="two"`` is
+  :data:`adafac_diag_pp`.
 
   Args:
-    learning_rate: a float or an optax schedule (η).
-    b1: momentum decay, or None (no first moment).
-    b2: second-moment decay.
-    eps: ε₁ added to G² (float32).
-    clipping_threshold: update clipping threshold d (None = off).
-    carry: "keep" (paper) or "rotate" the first moment (needs ``b1``).
-    fallback_eps: Adam's ε on non-matrix leaves.
-    {common_args}
+    learning_rate: η >= 0, a float or an optax schedule.
+    b1: momentum decay in [0, 1), or None (no first moment).
+    b2: second-moment decay in [0, 1).
+    eps: ε₁ >= 0 added to the rotated G² (float32).
+    clipping_threshold: update clipping threshold d > 0 (None = off).
+    weight_decay: λ >= 0, decoupled, in the original coordinates.
+    mask: the weight-decay mask (``optax.adamw``'s meaning).
+    method_mask: the matrices that are rotated (None = every ndim >= 2
+      leaf).
+    sides: ``"one"`` (the smaller side) or ``"two"`` (both).
+    every: refresh period T >= 1 (traced ints allowed).
+    max_dim: longest rotated side; None = 8192 (structural).
+    basis: ``"eigh"``, ``"svd"`` or ``"identity"`` (static).
+    carry: ``"keep"`` (paper) or ``"rotate"`` the first moment at a refresh
+      (needs ``b1``).
+    views: per-leaf :class:`optax_fac.MatrixView`.
+    precision: precision of the rotation matmuls.
+    fallback_eps: Adam's ε on the non-matrix leaves.
+    stack_leaves: stack same-shape leaves into one batch.
+
   Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+    The AdafacDiag ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_fac
+    >>> params = {'w': jnp.ones((512, 256))}
+    >>> tx = optax_fac.adafac_diag(learning_rate=1e-3, b1=None)
+    >>> optax_fac.state_size(tx, params) // 4  # m + n + 256² + 3 counters
+    66307
 
   References:
     Nguyen et al., `Improving Adaptive Moment Optimization via
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
-  return _adafac_diag('one', learning_rate, b1, b2, eps, clipping_threshold,
-                      weight_decay, mask, method_mask, every, max_dim,
-                      basis, carry, views, precision, fallback_eps,
-                      stack_leaves)
+  def inner(v):
+    return factored.scale_by_factored_rms(b1, b2, eps, clipping_threshold,
+                                          views=v)
+  return _rotated_named(
+      inner, sides=sides, every=every, max_dim=max_dim, basis=basis,
+      carry=carry, precision=precision, views=views, stack_leaves=stack_leaves,
+      fallback=compose.adam_fallback(0.9 if b1 is None else b1, b2,
+                                     fallback_eps),
+      learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
+      method_mask=method_mask)
 
 
-@_with_common_args
-def adafac_diag_pp(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Optional[float] = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-30,
-    clipping_threshold: Optional[float] = None,
-    weight_decay: float = 0.0,
-    mask: alias.MaskOrFn = None,
-    *,
-    method_mask: alias.MaskOrFn = None,
-    every: int = 200,
-    max_dim: Optional[int] = None,
-    basis: str = 'eigh',
-    carry: str = 'keep',
-    views: matrix.ViewSpec = None,
-    precision: Any = None,
-    fallback_eps: float = 1e-8,
-    stack_leaves: bool = True,
-) -> optax.GradientTransformationExtraArgs:
-  r"""AdafacDiag++: factored second moment in the two-sided basis (§3).
+adafac_diag_pp = functools.partial(adafac_diag, sides='two')
+adafac_diag_pp.__doc__ = r"""AdafacDiag++: :func:`adafac_diag` with ``sides="two"`` (§3).
 
-  As :func:`adafac_diag` with ``sides="two"``: memory (m + n or mn + m + n)
-  + m² + n² per matrix.
-
-  Args:
-    learning_rate: a float or an optax schedule (η).
-    b1: momentum decay, or None (no first moment).
-    b2: second-moment decay.
-    eps: ε₁ added to G² (float32).
-    clipping_threshold: update clipping threshold d (None = off).
-    carry: "keep" (paper) or "rotate" the first moment (needs ``b1``).
-    fallback_eps: Adam's ε on non-matrix leaves.
-    {common_args}
-  Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+  The factored second moment in the two-sided basis: memory (m + n, or
+  mn + m + n with momentum) + m² + n² per (m, n) matrix. Every argument is
+  :func:`adafac_diag`'s.
 
   References:
     Nguyen et al., `Improving Adaptive Moment Optimization via
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
-  return _adafac_diag('two', learning_rate, b1, b2, eps, clipping_threshold,
-                      weight_decay, mask, method_mask, every, max_dim,
-                      basis, carry, views, precision, fallback_eps,
-                      stack_leaves)
 
 
-@_with_common_args
 def hfac_diag(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -1024,9 +933,9 @@ def hfac_diag(
     eps: float = 1e-30,
     clipping_threshold: Optional[float] = 1.0,
     weight_decay: float = 0.0,
-    mask: alias.MaskOrFn = None,
+    mask: compose.MaskOrFn = None,
     *,
-    method_mask: alias.MaskOrFn = None,
+    method_mask: compose.MaskOrFn = None,
     every: int = 200,
     max_dim: Optional[int] = None,
     basis: str = 'eigh',
@@ -1037,22 +946,38 @@ def hfac_diag(
 ) -> optax.GradientTransformationExtraArgs:
   r"""HfacDiag: H-Fac in the one-sided singular basis (docs/algorithms.md §3).
 
-  ``svd_rotation(scale_by_hfac(b1, b2, eps, clipping_threshold), sides="one")`` on
-  matrices, Adam (β1, β2, ``fallback_eps``) elsewhere. With
+  ``svd_rotation(scale_by_hfac(b1, b2, eps, clipping_threshold), sides="one")``
+  on matrices, Adam (β1, β2, ``fallback_eps``) elsewhere. With
   ``basis="identity"`` it equals :func:`optax_fac.hfac`. Memory
-  2(m + n) + min(m, n)² per matrix. H-Fac's momentum is factored, so there is
-  no ``carry="rotate"`` option.
+  2(m + n) + min(m, n)² per matrix. H-Fac's momentum is factored, so there
+  is no ``carry="rotate"`` option.
 
   Args:
-    learning_rate: a float or an optax schedule (η).
-    b1: momentum decay β1.
-    b2: second-moment decay β2.
-    eps: ε₁ added to G² (float32).
-    clipping_threshold: d of the update clipping (None = off).
-    fallback_eps: Adam's ε on non-matrix leaves.
-    {common_args}
+    learning_rate: η >= 0, a float or an optax schedule.
+    b1: H-Fac's momentum decay β1 in [0, 1).
+    b2: H-Fac's second-moment decay β2 in [0, 1).
+    eps: ε₁ >= 0 added to G² (float32).
+    clipping_threshold: d > 0 of the update clipping (None = off).
+    weight_decay: λ >= 0 (decoupled).
+    mask: decay mask as in ``optax.adamw``.
+    method_mask: rotated matrices (None = every ndim >= 2 leaf).
+    every: basis refresh period (>= 1; may be traced).
+    max_dim: sides above it stay unrotated (None = 8192; structural).
+    basis: ``"eigh"`` | ``"svd"`` | ``"identity"``.
+    views: leaf views (:class:`optax_fac.MatrixView`).
+    precision: rotation matmul precision.
+    fallback_eps: ε of the Adam fallback.
+    stack_leaves: group same-shape leaves.
+
   Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+    HfacDiag as an ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_fac
+    >>> tx = optax_fac.hfac_diag(learning_rate=1e-3, every=50)
+    >>> params = {'w': jnp.ones((64, 32))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)  # a refresh step
 
   References:
     Nguyen et al., `Improving Adaptive Moment Optimization via
@@ -1065,6 +990,6 @@ def hfac_diag(
       inner, sides='one', every=every, max_dim=max_dim, basis=basis,
       carry='keep', precision=precision, views=views,
       stack_leaves=stack_leaves,
-      learning_rate=learning_rate, weight_decay=weight_decay,
-      mask=mask, method_mask=method_mask,
-      fallback=alias.adam_fallback(b1, b2, fallback_eps))
+      fallback=compose.adam_fallback(b1, b2, fallback_eps),
+      learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
+      method_mask=method_mask)

@@ -40,8 +40,7 @@ References:
 
 
 import dataclasses
-import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +48,7 @@ import numpy as np
 import optax
 
 from optax_fac import _common
-from optax_fac import alias
+from optax_fac import compose
 from optax_fac import matrix
 from optax_fac import sharding
 from optax_fac import smmf_kernel
@@ -90,139 +89,11 @@ class SMMFState(NamedTuple):
 
 
 # --------------------------------------------------------------------------
-# Per-leaf layout: batch axes first, the rest square-matricized.
+# Per-leaf layout: batch axes first, the rest square-matricized, and its
+# sharding rule under an explicit mesh: optax_fac.matrix.SquareLayout.
 
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-  """How one leaf is seen: (*batch, n1, n2), or (*batch, N) if dense."""
-  shape: tuple[int, ...]
-  batch: tuple[int, ...]        # batch axes of the leaf
-  batch_shape: tuple[int, ...]
-  n: int                        # elements per batch element
-  n1: int
-  n2: int
-  dense: bool
-
-  @property
-  def perm(self) -> tuple[int, ...]:
-    rest = tuple(a for a in range(len(self.shape)) if a not in self.batch)
-    return self.batch + rest
-
-  @property
-  def nbytes(self) -> int:
-    """Bytes of packed sign bits per batch element."""
-    return -(-self.n // 8)
-
-
-def _layout(shape, view: Optional[matrix.MatrixView], vector_reshape: bool
-            ) -> _Layout:
-  shape = tuple(int(d) for d in shape)
-  batch = () if view is None else tuple(view.batch)
-  batch_shape = tuple(shape[a] for a in batch)
-  rest = [shape[a] for a in range(len(shape)) if a not in batch]
-  n = math.prod(rest)
-  # The official code keeps a leaf dense iff vector_reshape is off and the
-  # squeezed leaf is 1-D; scalars and (1, ..., 1) leaves are factorized.
-  dense = (not vector_reshape) and sum(d != 1 for d in rest) == 1
-  n1, n2 = (0, 0) if n == 0 else matrix.square_shape(n)
-  return _Layout(shape, batch, batch_shape, n, n1, n2, dense)
-
-
-# --------------------------------------------------------------------------
-# Reshapes that also work under an explicit-sharding mesh.
-#
-# [decided] Under a mesh with Explicit axes a reshape to the square view must
-# name its output sharding. The square view (the step's temporaries M, V) is
-# sharded along its rows (n1) over the mesh axes that shard the leaf's
-# non-batch axes when n1 is divisible by their size, and replicated otherwise;
-# batch axes keep their sharding. The persistent state (factors, packed signs;
-# O(sqrt N) floats and N/8 bytes) is replicated, as optax_fac.sharding's rule
-# for SMMF states says. Without an explicit mesh (jit with automatic sharding,
-# one device) nothing is specified and XLA decides.
-
-
-def _explicit_mesh():
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not any(t == jax.sharding.AxisType.Explicit
-                           for t in mesh.axis_types):
-    return None
-  return mesh
-
-
-_spec_entries = matrix.sharding_spec
-
-
-def _axis_names(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
-def _reshape(x, shape, nb: int, row_axes=None):
-  """Reshapes ``x`` keeping its first ``nb`` (batch) dims; sharding-aware.
-
-  ``row_axes``: mesh axes to put on the first non-batch output dim; default
-  the axes that shard x's non-batch dims.
-  """
-  shape = tuple(shape)
-  mesh = _explicit_mesh()
-  if mesh is None:
-    return x.reshape(shape)
-  entries = _spec_entries(x)
-  if row_axes is None:
-    row_axes = tuple(a for e in entries[nb:] for a in _axis_names(e))
-  size = math.prod(mesh.shape[a] for a in row_axes)
-  rest = [None] * (len(shape) - nb)
-  if rest and row_axes and shape[nb] % size == 0:
-    rest[0] = row_axes if len(row_axes) > 1 else row_axes[0]
-  spec = jax.sharding.PartitionSpec(*entries[:nb], *rest)
-  return jax.lax.reshape(x, shape, out_sharding=spec)
-
-
-def _replicated_tail(x, nb: int):
-  """``x`` with its non-batch dims unsharded (explicit mesh only)."""
-  mesh = _explicit_mesh()
-  if mesh is None:
-    return x
-  entries = _spec_entries(x)
-  if all(e is None for e in entries[nb:]):
-    return x
-  spec = jax.sharding.PartitionSpec(*entries[:nb],
-                                    *([None] * (x.ndim - nb)))
-  return jax.sharding.reshard(x, spec)
-
-
-def _replicated(x):
-  """``x`` fully replicated under an explicit mesh (the SMMF state rule)."""
-  if x is None or _explicit_mesh() is None:
-    return x
-  if all(e is None for e in _spec_entries(x)):
-    return x
-  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-
-
-def _to_view(x, lay: _Layout):
-  """Leaf -> (*batch, n1, n2), or (*batch, N) for a dense leaf."""
-  if lay.perm != tuple(range(x.ndim)):
-    x = jnp.transpose(x, lay.perm)
-  tail = (lay.n,) if lay.dense else (lay.n1, lay.n2)
-  return _reshape(x, lay.batch_shape + tail, len(lay.batch))
-
-
-def _from_view(y, lay: _Layout, like):
-  """Inverse of :func:`_to_view`; ``like`` gives the leaf's sharding."""
-  permuted = tuple(lay.shape[a] for a in lay.perm)
-  mesh = _explicit_mesh()
-  if mesh is None:
-    x = y.reshape(permuted)
-  else:
-    spec = _spec_entries(like)
-    x = jax.lax.reshape(y, permuted, out_sharding=jax.sharding.PartitionSpec(
-        *(spec[a] for a in lay.perm)))
-  if lay.perm != tuple(range(len(lay.shape))):
-    x = jnp.transpose(x, np.argsort(lay.perm))
-  return x
+_Layout = matrix.SquareLayout
+_layout = matrix.square_layout  # (shape, view, vector_reshape) -> _Layout
 
 
 # --------------------------------------------------------------------------
@@ -236,26 +107,24 @@ def _pack_signs(positive, lay: _Layout):
   """(*batch, n1, n2) bool -> (*batch, ceil(N/8)) uint8."""
   nb = len(lay.batch)
   if lay.n % 8:
-    flat = _reshape(_replicated_tail(positive, nb), lay.batch_shape + (lay.n,),
-                    nb)
+    flat = lay.reshape(matrix.replicate(positive, nb), (lay.n,))
     pad = [(0, 0)] * nb + [(0, 8 * lay.nbytes - lay.n)]
     flat = jnp.pad(flat, pad)
-    groups = flat.reshape(lay.batch_shape + (lay.nbytes, 8))
+    groups = matrix.reshape(flat, lay.batch_shape + (lay.nbytes, 8))
   else:
-    groups = _reshape(positive, lay.batch_shape + (lay.nbytes, 8), nb)
+    groups = lay.reshape(positive, (lay.nbytes, 8))
   bits = jnp.where(groups, jnp.asarray(_BIT_WEIGHTS), jnp.uint8(0))
   return jnp.sum(bits, axis=-1, dtype=jnp.uint8)
 
 
 def _unpack_signs(packed, lay: _Layout):
   """(*batch, ceil(N/8)) uint8 -> (*batch, n1, n2) bool."""
-  nb = len(lay.batch)
   groups = (packed[..., None] & jnp.asarray(_BIT_WEIGHTS)) != 0
   if lay.n % 8:
-    flat = _replicated_tail(groups, nb).reshape(
-        lay.batch_shape + (8 * lay.nbytes,))[..., :lay.n]
-    return _reshape(flat, lay.batch_shape + (lay.n1, lay.n2), nb)
-  return _reshape(groups, lay.batch_shape + (lay.n1, lay.n2), nb)
+    flat = matrix.reshape(matrix.replicate(groups, len(lay.batch)),
+                          lay.batch_shape + (8 * lay.nbytes,))[..., :lay.n]
+    return lay.reshape(flat, (lay.n1, lay.n2))
+  return lay.reshape(groups, (lay.n1, lay.n2))
 
 
 # --------------------------------------------------------------------------
@@ -327,7 +196,7 @@ def _kernel_fits(lay: _Layout, momentum: bool, sign_bits: int) -> bool:
   return (lay.batch == (0,) and not lay.dense and lay.n2 % 8 == 0
           and (sign_bits == 1 or not momentum)
           and smmf_kernel.tiling(lay.n1, lay.n2) is not None
-          and _explicit_mesh() is None)
+          and not matrix.explicit_mesh())
 
 
 def _on_nvidia_gpu(kernel, arrays, *args):
@@ -357,14 +226,16 @@ def _kernel_group_step(members, lay: _Layout, fields, beta1, beta2, eps):
   n1, n2 = lay.n1, lay.n2
   scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in
                        (beta1 if momentum else 0.0, beta2, eps, 0.0)])
-  signs = m_sign.reshape(m_sign.shape[:1] + (n1, n2 // 8)) if momentum else None
+  signs = (matrix.reshape(m_sign, m_sign.shape[:1] + (n1, n2 // 8))
+           if momentum else None)
   updates, partials = [], []
   for first in range(0, len(members), smmf_kernel.MAX_MEMBERS):
     chunk = members[first:first + smmf_kernel.MAX_MEMBERS]
     ds, *out = smmf_kernel.smmf_group_step(
-        [g.reshape(n1, n2) for g in chunk], scalars, v_row, v_col, signs,
+        [matrix.reshape(g, (n1, n2)) for g in chunk], scalars, v_row, v_col,
+        signs,
         m_row, m_col, first=first)
-    updates += [d.reshape(g.shape) for d, g in zip(ds, chunk)]
+    updates += [matrix.reshape(d, g.shape) for d, g in zip(ds, chunk)]
     if momentum:
       signs = out[2]
     partials.append(out[:2] + out[3:])
@@ -376,7 +247,8 @@ def _kernel_group_step(members, lay: _Layout, fields, beta1, beta2, eps):
   if not momentum:
     return updates, (None, None, None, sums[0], _normalised(sums[1]))
   m_col, v_col = _normalised(jnp.stack([sums[3], sums[1]]))
-  return updates, (sums[2], m_col, signs.reshape(m_sign.shape), sums[0], v_col)
+  return updates, (sums[2], m_col, matrix.reshape(signs, m_sign.shape), sums[0],
+                   v_col)
 
 
 # --------------------------------------------------------------------------
@@ -482,6 +354,19 @@ def scale_by_smmf(
   References:
     Park & Lee, `SMMF <https://arxiv.org/abs/2412.08894>`_, AAAI 2025.
   """
+  return _smmf(b1, eps, growth_rate, decay_rate, vector_reshape, sign_bits,
+               views, fused_kernel).transform
+
+
+class _SmmfFns(NamedTuple):
+  """scale_by_smmf and its members update for stack_leaves (see below)."""
+  transform: optax.GradientTransformationExtraArgs
+  update_members: Callable[..., Any]
+
+
+def _smmf(b1, eps, growth_rate, decay_rate, vector_reshape, sign_bits, views,
+          fused_kernel) -> _SmmfFns:
+  """:func:`scale_by_smmf` (same arguments) and its ``update_members``."""
   _common.check_unit_interval('b1', b1, allow_none=True, closed=True)
   _common.check_nonnegative('eps', eps)
   _common.check_unit_interval('growth_rate', growth_rate, closed=True)
@@ -497,16 +382,16 @@ def scale_by_smmf(
 
   def leaf_step(g, lay, m_row, m_col, m_sign, v_row, v_col, beta1, beta2):
     """One leaf: returns (D, m_row, m_col, m_sign, v_row, v_col)."""
-    g_view = _to_view(_common.f32(g), lay)
+    g_view = lay.to_square(_common.f32(g))
     if lay.dense:
       if momentum:
         m = beta1 * m_row + (1.0 - beta1) * g_view
       v = beta2 * v_row + (1.0 - beta2) * g_view * g_view
       d = (m if momentum else g_view) / (jnp.sqrt(v) + eps)
-      new = ((_replicated(m), m_col, m_sign) if momentum
+      new = ((matrix.replicate(m), m_col, m_sign) if momentum
              else (None, None, None))
-      return ((_from_view(d, lay, g).astype(g.dtype),) + new
-              + (_replicated(v), v_col))
+      return ((lay.from_square(d, like=g).astype(g.dtype),) + new
+              + (matrix.replicate(v), v_col))
     if momentum:
       magnitude = _outer(m_row, m_col)
       packed = _packed(m_sign)
@@ -522,8 +407,8 @@ def scale_by_smmf(
       m_row = m_col = m_sign = None
       ((v_row, v_col),) = _nnmf(v)
     m_row, m_col, m_sign, v_row, v_col = (
-        _replicated(x) for x in (m_row, m_col, m_sign, v_row, v_col))
-    return (_from_view(d, lay, g).astype(g.dtype), m_row, m_col, m_sign,
+        matrix.replicate(x) for x in (m_row, m_col, m_sign, v_row, v_col))
+    return (lay.from_square(d, like=g).astype(g.dtype), m_row, m_col, m_sign,
             v_row, v_col)
 
   def init_leaf(lay):
@@ -664,8 +549,8 @@ def scale_by_smmf(
       new_fields.append(new)
     return outs, new_state(treedef, count, new_fields)
 
-  update_fn.update_members = update_members
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _SmmfFns(optax.GradientTransformationExtraArgs(init_fn, update_fn),
+                  update_members)
 
 
 def smmf(
@@ -677,9 +562,9 @@ def smmf(
     weight_decay: float = 0.0,
     vector_reshape: bool = True,
     sign_bits: Optional[int] = None,
-    mask: alias.MaskOrFn = None,
+    mask: compose.MaskOrFn = None,
     *,
-    method_mask: alias.MaskOrFn = None,
+    method_mask: compose.MaskOrFn = None,
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
     stack_leaves: bool = True,
@@ -747,36 +632,33 @@ def smmf(
   References:
     Park & Lee, `SMMF <https://arxiv.org/abs/2412.08894>`_, AAAI 2025.
   """
-  _common.check_nonnegative('learning_rate', learning_rate)
-  _common.check_nonnegative('weight_decay', weight_decay)
-
   def make(v):
     return scale_by_smmf(b1, eps, growth_rate, decay_rate, vector_reshape,
                          sign_bits, views=v, fused_kernel=fused_kernel)
 
-  if method_mask is None:
-    method = alias.matrix_method(make, views, stack_leaves)
-    return alias.checked(optax.chain(
-        method,
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    ), masks={'mask': mask}, views=views)
+  def members(v):
+    return _smmf(b1, eps, growth_rate, decay_rate, vector_reshape, sign_bits,
+                 v, fused_kernel).update_members
 
-  def every_leaf_views(params):
-    return matrix.resolve_views(params, views, vectors=True)
+  every_leaf = method_mask is None
+  if not every_leaf:
+    leaf_views = views
 
-  method = alias.matrix_method(make, every_leaf_views, stack_leaves)
-  if fallback is None:
-    fallback = alias.adam_fallback(0.9 if b1 is None else b1, 0.999, eps)
-  return alias.named_optimizer(
-      method, learning_rate=learning_rate, weight_decay=weight_decay,
-      mask=mask, method_mask=method_mask, views=every_leaf_views,
-      fallback=fallback)
+    def views(params):  # every leaf, 1-D ones included, may get SMMF
+      return matrix.resolve_views(params, leaf_views, vectors=True)
+
+    if fallback is None:
+      fallback = compose.adam_fallback(0.9 if b1 is None else b1, 0.999, eps)
+  return compose.named_optimizer(
+      compose.matrix_method(make, views, stack_leaves, update_members=members),
+      learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
+      method_mask=method_mask, views=views, fallback=fallback,
+      partition=not every_leaf)
 
 
 # Every SMMF state leaf re-lays the parameter out (square-matricized factors,
 # packed signs): replicated, the same rule the update applies under an
-# explicit mesh (see _replicated).
+# explicit mesh (see optax_fac.matrix.replicate).
 sharding.register_state_rule(SMMFState, {
     'count': 'scalar', 'm_row': 'flat', 'm_col': 'flat', 'm_sign': 'flat',
     'v_row': 'flat', 'v_col': 'flat'})

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +178,7 @@ def stack_leaves(
     make_inner: Callable[[Any], optax.GradientTransformation],
     *,
     views: matrix.ViewSpec = None,
+    update_members: Optional[Callable[[Any], Callable[..., Any]]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Runs a transform on same-shape leaves stacked along a batch axis.
 
@@ -187,15 +188,17 @@ def stack_leaves(
       :class:`~optax_fac.MatrixView`), e.g.
       ``lambda v: optax_fac.scale_by_hfac(views=v)``. The transform must
       treat batch axes of a view independently (every transform of this
-      library does) and accept ``optax.MaskedNode``-free trees. If its
-      ``update`` function has an ``update_members(members, state)``
-      attribute, that is called instead, with ``{group key: [the group's
-      leaves]}`` unstacked, and returns ``({group key: [updates]}, state)``
-      (SMMF's GPU kernel reads each leaf in place this way; a parameter-free
-      transform only).
+      library does) and accept ``optax.MaskedNode``-free trees.
     views: the per-leaf views of the unstacked parameters (as for the
       wrapped transform); each group's stacked view adds the new leading
       batch axis.
+    update_members: optional ``views -> update_members`` for a
+      parameter-free transform that can read each group's leaves where they
+      lie: ``update_members({group key: [the group's leaves]}, state)``
+      returns ``({group key: [updates]}, state)`` with the state of
+      ``make_inner(views)`` on the stacked tree; it is called instead of
+      stacking the gradients (SMMF's GPU kernel, which would otherwise read a
+      stacked copy of G).
 
   Returns:
     A transform with the wrapped transform's updates (per leaf, in the
@@ -229,14 +232,14 @@ def stack_leaves(
     groups, leaves = group_leaves(updates, views)
     if groups != state.groups:
       raise ValueError(_mismatch_message(updates, groups, state.groups))
-    inner = inner_for(groups)
-    update_members = getattr(inner.update, 'update_members', None)
     if update_members is not None:
-      # The transform takes each group's leaves as a list (see below).
-      out, inner_state = update_members(
+      # The transform takes each group's leaves as a list (see above).
+      stacked = stacked_views(groups)
+      out, inner_state = update_members(lambda _: stacked)(
           {k: [leaves[i] for i in idx]
            for k, idx in zip(groups.keys, groups.members)}, state.inner)
     else:
+      inner = inner_for(groups)
       stacked_params = None
       if params is not None:
         p_leaves = jax.tree.leaves(params, is_leaf=_is_masked)

@@ -64,7 +64,7 @@ import numpy as np
 import optax
 
 from optax_fac import _common
-from optax_fac import alias
+from optax_fac import compose
 from optax_fac import linalg
 from optax_fac import matrix
 from optax_fac import sharding
@@ -78,62 +78,6 @@ DEFAULT_RANK = 128
 
 # --------------------------------------------------------------------------
 # Small helpers.
-
-
-def _as_f32(tree: Any) -> Any:
-  """Float32 copies of arrays (or ShapeDtypeStructs) in ``tree``."""
-  def one(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct(x.shape, jnp.float32,
-                                  sharding=getattr(x, 'sharding', None))
-    return x.astype(jnp.float32)
-  return jax.tree.map(one, tree)
-
-
-_explicit_mesh = matrix.explicit_mesh
-
-
-_spec = matrix.sharding_spec
-
-
-def _to_matrix(x: jax.Array, view: matrix.MatrixView) -> jax.Array:
-  """``view.to_matrix`` that also works under an explicit mesh.
-
-  [decided] There, the matrix axes are gathered (batch axes keep their
-  sharding) before the reshape: the SVD needs whole matrices anyway, and the
-  heuristic subset norm (the default) never reshapes.
-  """
-  if not _explicit_mesh():
-    return view.to_matrix(x)
-  perm = view.batch + view.rows + view.cols
-  y = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
-  nb = len(view.batch)
-  spec = _spec(y)[:nb] + (None,) * (y.ndim - nb)
-  if _spec(y) != spec:
-    y = jax.sharding.reshard(y, jax.P(*spec))
-  return _reshape_tail(y, view.batch_shape(x.shape) + view.dims(x.shape), nb)
-
-
-def _reshape_tail(x: jax.Array, shape, nb: int) -> jax.Array:
-  """Reshapes the non-batch axes of ``x`` (replicated under a mesh)."""
-  if not _explicit_mesh():
-    return x.reshape(shape)
-  spec = _spec(x)[:nb] + (None,) * (len(shape) - nb)
-  return jax.lax.reshape(x, tuple(shape), out_sharding=jax.P(*spec))
-
-
-def _from_matrix(y: jax.Array, view: matrix.MatrixView, like: jax.Array
-                 ) -> jax.Array:
-  """``view.from_matrix``; under an explicit mesh, sharded like ``like``."""
-  if not _explicit_mesh():
-    return view.from_matrix(y, like.shape)
-  perm = view.batch + view.rows + view.cols
-  x = _reshape_tail(y, tuple(like.shape[a] for a in perm), len(view.batch))
-  if perm != tuple(range(x.ndim)):
-    x = jnp.transpose(x, np.argsort(perm))
-  if _spec(x) != _spec(like):
-    x = jax.sharding.reshard(x, jax.P(*_spec(like)))
-  return x
 
 
 def _check_subset_size(subset_size: Any):
@@ -224,9 +168,8 @@ def _subset_statistic(g32, view, subset_size):
   k = subset_length(m * n, subset_size)
   if k == 1:  # element-wise, in the parameter's layout
     return g32 * g32
-  nb = len(view.batch)
-  gs = _reshape_tail(_to_matrix(g32, view),
-                     view.batch_shape(shape) + (m * n // k, k), nb)
+  gs = matrix.reshape_tail(view.to_matrix(g32), len(view.batch),
+                          (m * n // k, k))
   return jnp.sum(jnp.square(gs * scale), axis=-1)
 
 
@@ -241,10 +184,9 @@ def _divide_by_subsets(num, den, view, subset_size):
   if k == 1:
     return num / den
   nb = len(view.batch)
-  batch = view.batch_shape(shape)
-  ds = (_reshape_tail(_to_matrix(num, view), batch + (m * n // k, k), nb)
+  ds = (matrix.reshape_tail(view.to_matrix(num), nb, (m * n // k, k))
         / den[..., None])
-  return _from_matrix(_reshape_tail(ds, batch + (m, n), nb), view, num)
+  return view.from_matrix(matrix.reshape_tail(ds, nb, (m, n)), like=num)
 
 
 class SubsetNormState(NamedTuple):
@@ -341,7 +283,7 @@ def scale_by_subset_norm(
             lambda x: _subset_statistic(_common.f32(x), view, subset_size),
             p),), 1, params, params, views_tree)
     inner_state = (optax.EmptyState() if inner is None
-                   else inner.init(_as_f32(params)))
+                   else inner.init(_common.tree_f32(params)))
     return SubsetNormState(count=_common.zero_count(), nu=nu,
                            momentum=inner_state)
 
@@ -350,12 +292,12 @@ def scale_by_subset_norm(
     _common.check_same_structure(
         updates, state.nu, 'scale_by_subset_norm',
         expected_shape if subset_size is not None else None, views_tree)
-    g32 = _as_f32(updates)
+    g32 = _common.tree_f32(updates)
     if inner is None:
       numer, inner_state = g32, state.momentum
     else:
       numer, inner_state = inner.update(
-          g32, state.momentum, None if params is None else _as_f32(params),
+          g32, state.momentum, None if params is None else _common.tree_f32(params),
           **extra_args)
     beta2 = jnp.asarray(b2, jnp.float32)
     eps32 = jnp.asarray(eps, jnp.float32)
@@ -407,35 +349,14 @@ def _subspace_dims(shape, view, rank):
   return left, r, batch + (m, r), batch + (r, n)
 
 
-def _fix_signs(vecs: jax.Array, axis: int) -> jax.Array:
-  """Flips each vector so its largest-magnitude entry is positive."""
-  idx = jnp.argmax(jnp.abs(vecs), axis=axis, keepdims=True)
-  s = jnp.sign(jnp.take_along_axis(vecs, idx, axis=axis))
-  return vecs * jnp.where(s == 0, 1.0, s)
-
-
-def _top_singular_vectors(g: jax.Array, r: int, left: bool, method: str,
-                          precision) -> jax.Array:
-  """Top-r left (m, r) or right (r, n) singular vectors of (*batch, m, n) g.
-
-  A zero-size matrix (r = 0) has an empty projector.
-  """
-  if r == 0 or g.size == 0:
-    m, n = g.shape[-2:]
-    return jnp.zeros(g.shape[:-2] + ((m, r) if left else (r, n)), g.dtype)
-  if method == 'svd':
-    u, _, vh = linalg.unbatched_on_cpu(
-        lambda a: jnp.linalg.svd(a, full_matrices=False), g)
-    vecs = u[..., :, :r] if left else vh[..., :r, :]
-  else:  # eigh of the Gram matrix on the projected side
-    gt = jnp.swapaxes(g, -1, -2)
-    gram = (jnp.matmul(g, gt, precision=precision) if left
-            else jnp.matmul(gt, g, precision=precision))
-    _, w = linalg.unbatched_on_cpu(
-        lambda a: jnp.linalg.eigh(a, symmetrize_input=True), gram)
-    top = w[..., ::-1][..., :r]  # eigenvalues ascending -> top r, descending
-    vecs = top if left else jnp.swapaxes(top, -1, -2)
-  return _fix_signs(vecs, axis=-2 if left else -1)
+def _projector(g: jax.Array, r: int, left: bool, method: str,
+               precision) -> jax.Array:
+  """A (m, r) or B (r, n) of (*batch, m, n) g: its top-r left singular
+  vectors as columns, or right ones as rows
+  (:func:`optax_fac.linalg.top_singular_vectors`; empty for r = 0)."""
+  vecs = linalg.top_singular_vectors(g, r, left=left, method=method,
+                                     precision=precision)
+  return vecs if left else jnp.swapaxes(vecs, -1, -2)
 
 
 def _project(g, basis, left, precision):
@@ -556,11 +477,11 @@ def scale_by_subspace_momentum(
       # Zeros with the shapes, dtypes and shardings the update will produce
       # (stable state types under sharding-in-types and lax.cond).
       left, r, _, _ = _subspace_dims(p.shape, view, rank)
-      basis = lambda x: _top_singular_vectors(
-          _to_matrix(_common.f32(x), view), r, left, method, precision)
+      basis = lambda x: _projector(
+          view.to_matrix(_common.f32(x)), r, left, method, precision)
       proj = _common.zeros_like_result(basis, p)
       mu = _common.zeros_like_result(
-          lambda x: _project(_to_matrix(_common.f32(x), view), proj, left,
+          lambda x: _project(view.to_matrix(_common.f32(x)), proj, left,
                              precision), p)
       return mu, proj
 
@@ -579,7 +500,7 @@ def scale_by_subspace_momentum(
     reset_now = refresh & (count > 1)
     beta1 = jnp.asarray(b1, jnp.float32)
     (mats,) = _common.map_leaves(
-        lambda g, view: (_to_matrix(_common.f32(g), view),), 1, updates,
+        lambda g, view: (view.to_matrix(_common.f32(g)),), 1, updates,
         updates, views_tree)
 
     def new_projectors(operands):
@@ -587,7 +508,7 @@ def scale_by_subspace_momentum(
 
       def one(g, p_old, u, view):
         left, r, _, _ = _subspace_dims(u.shape, view, leaf_rank(p_old))
-        p = _top_singular_vectors(g, r, left, method, precision)
+        p = _projector(g, r, left, method, precision)
         ok = jnp.all(jnp.isfinite(p), axis=(-2, -1), keepdims=True)
         return (jnp.where(ok, p, p_old),)
 
@@ -603,8 +524,8 @@ def scale_by_subspace_momentum(
       if reset == 'clean':
         mu = jnp.where(reset_now, 0.0, mu)
       mu = _common.ema(mu, proj, beta1)
-      numer = _from_matrix(g + _project_back(mu - proj, p, left, precision),
-                           view, u)
+      numer = view.from_matrix(
+          g + _project_back(mu - proj, p, left, precision), like=u)
       if reset == 'faithful':
         mu = jnp.where(reset_now, 0.0, mu)
       return numer.astype(u.dtype), mu
@@ -665,21 +586,26 @@ def scale_by_bias_correction(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+# --------------------------------------------------------------------------
+# §5.3 Weight decay of the updated weights (the official code's order).
+
+
 def add_decayed_updated_weights(
     weight_decay: Any = 0.0,
     learning_rate: optax.ScalarOrSchedule = 1.0,
-    mask: alias.MaskOrFn = None,
+    mask: compose.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Decoupled weight decay of the *updated* weights (docs/algorithms.md §5.3).
 
   Goes **after** ``optax.scale_by_learning_rate``: given the signed step
   Δ = −s_t N/den, it returns Δ − η_t λ (W + Δ), so that
-  W_new = (W + Δ) − η_t λ (W + Δ): the official code's "weight decay at the
-  end" (the difference from decaying the old W, as ``optax.adamw`` does, is
-  second order). η_t is evaluated like ``optax.scale_by_learning_rate`` does
-  (a schedule is called with this transform's own counter, which starts at 0
-  and advances once per update, so it agrees with the learning-rate
-  transform's). Needs ``params`` unless ``weight_decay`` is a literal 0.
+  W_new = (W + Δ) − η_t λ (W + Δ): the official Subset-Norm code's "weight
+  decay at the end" (the difference from decaying the old W, as
+  ``optax.adamw`` does, is second order). η_t is evaluated like
+  ``optax.scale_by_learning_rate`` does (a schedule is called with this
+  transform's own counter, which starts at 0 and advances once per update,
+  so it agrees with the learning-rate transform's). Needs ``params`` unless
+  ``weight_decay`` is a literal 0.
 
   Args:
     weight_decay: λ >= 0.
@@ -689,6 +615,13 @@ def add_decayed_updated_weights(
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_fac
+    >>> tx = optax_fac.add_decayed_updated_weights(0.5, learning_rate=0.1)
+    >>> w, step = jnp.array([2.0]), jnp.array([-1.0])
+    >>> tx.update(step, tx.init(w), w)[0]  # -1 - 0.05 * (2 - 1)
+    Array([-1.05], dtype=float32)
   """
   _common.check_nonnegative('weight_decay', weight_decay)
   _common.check_nonnegative('learning_rate', learning_rate)
@@ -740,31 +673,13 @@ def _direction(momentum, b1, b2, eps, subset_size, bias_correction, views):
   return optax.chain(sn, scale_by_bias_correction(b1, b2))
 
 
-def _sn_optimizer(method, fallback, *, learning_rate, weight_decay,
-                  mask, method_mask, views):
+def _sn_optimizer(method, fallback, *, learning_rate, weight_decay, mask,
+                  **named):
   """partition(method | fallback) -> -η_t -> decay of the updated weights."""
-  _common.check_nonnegative('learning_rate', learning_rate)
-  _common.check_nonnegative('weight_decay', weight_decay)
-  return alias.checked(optax.chain(
-      optax.partition({alias.METHOD: method, alias.FALLBACK: fallback},
-                      alias.method_labels(method_mask, views)),
-      optax.scale_by_learning_rate(learning_rate),
-      add_decayed_updated_weights(weight_decay, learning_rate, mask),
-  ), masks={'mask': mask, 'method_mask': method_mask}, views=views)
-
-
-_NAMED_DOC = """
-  Matrix leaves (every ndim >= 2 leaf selected by ``method_mask``, seen through
-  ``views``) get the method; every other leaf (biases, norm scales,
-  masked-out matrices such as an embedding) gets ``fallback``, by default the
-  same rule with element-wise statistics, exactly as the official code treats
-  its "regular" parameter group (one optimizer, one learning rate).
-  Weight decay acts on the updated weights (see
-  :func:`add_decayed_updated_weights`) on the leaves selected by
-  ``mask`` (the weight-decay mask, as in ``optax.adamw``). A custom ``fallback`` must be a complete scale-only
-  direction (e.g. :func:`optax_fac.adam_fallback`); the learning rate and the
-  decay are applied after it.
-"""
+  decay = add_decayed_updated_weights(weight_decay, learning_rate, mask)
+  return compose.named_optimizer(
+      method, fallback=fallback, learning_rate=learning_rate,
+      weight_decay=weight_decay, mask=mask, decay_after_step=decay, **named)
 
 
 def adam_sn(
@@ -773,9 +688,9 @@ def adam_sn(
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    mask: alias.MaskOrFn = None,
+    mask: compose.MaskOrFn = None,
     *,
-    method_mask: alias.MaskOrFn = None,
+    method_mask: compose.MaskOrFn = None,
     subset_size: SubsetSize = 'heuristic',
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
@@ -784,36 +699,39 @@ def adam_sn(
 
   N = EMA_β1(G) (full momentum, mn values), den = sqrt(v) + ε with v the
   subset-norm accumulator (§5.1, β2), W ← W − s_t N/den with
-  s_t = η_t sqrt(1 − β2^t)/(1 − β1^t), then W ← W − η_t λ W.
-  The default fallback is AdamW in the code's form (ε added to sqrt(v) of the
-  uncorrected second moment). The authors recommend a learning rate about 10x
-  the usual Adam one. Memory mn + max(m, n) per matrix (heuristic).
-  {named}
+  s_t = η_t sqrt(1 − β2^t)/(1 − β1^t), then the updated weights decay by
+  η_t λ (:func:`optax_fac.add_decayed_updated_weights`, the code's order).
+  Non-matrix leaves (and matrices outside ``method_mask``) get the default
+  fallback, AdamW in the code's form (ε added to sqrt(v) of the uncorrected
+  second moment), as the official code's "regular" parameter group. The
+  authors recommend a learning rate about 10x the usual Adam one. Memory
+  mn + max(m, n) per (m, n) matrix (heuristic subsets).
+
   Args:
-    learning_rate: η, a float or an optax schedule.
-    b1: momentum decay β1.
-    b2: second-moment decay β2 (< 1).
-    eps: ε added to the denominator.
-    weight_decay: λ of the decay of the updated weights.
-    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
-      prefix, or a function of the params); None = all.
-    method_mask: which leaves get the method (same forms); None = every
-      matrix leaf.
-    subset_size: ``'heuristic'`` or an int (see
-      :func:`scale_by_subset_norm`; structural).
-    views: per-leaf :class:`optax_fac.MatrixView` override.
-    fallback: transform for non-matrix leaves (default: see above).
+    learning_rate: η >= 0, a float or an optax schedule.
+    b1: momentum decay β1 in [0, 1).
+    b2: second-moment decay β2 in [0, 1).
+    eps: ε >= 0 added to the denominator.
+    weight_decay: λ >= 0 of the decay of the updated weights.
+    mask: which leaves decay (``optax.adamw``'s ``mask``; None = all).
+    method_mask: which matrices get Subset-Norm (None = every ndim >= 2
+      leaf).
+    subset_size: ``'heuristic'`` (rows or columns, whichever is longer) or
+      an int k >= 1 (see :func:`scale_by_subset_norm`; structural).
+    views: :class:`optax_fac.MatrixView` overrides.
+    fallback: a complete scale-only direction for the other leaves (e.g.
+      :func:`optax_fac.adam_fallback`); None = the code's AdamW.
 
   Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+    AdamSN as an ``optax.GradientTransformationExtraArgs``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_fac
-    >>> params = {{'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}}
+    >>> params = {'w': jnp.ones((512, 256)), 'b': jnp.zeros(256)}
     >>> tx = optax_fac.adam_sn(learning_rate=1e-2)
-    >>> state = tx.init(params)
-    >>> updates, state = tx.update(params, state, params)
-    >>> params = optax.apply_updates(params, updates)
+    >>> optax_fac.state_size(tx, params)  # mn + m, and Adam on b
+    528412
+    >>> updates, state = tx.update(params, tx.init(params), params)
 
   References:
     Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
@@ -824,8 +742,8 @@ def adam_sn(
   if fallback is None:
     fallback = _direction(_ema(b1), b1, b2, eps, 1, True, views)
   return _sn_optimizer(method, fallback, learning_rate=learning_rate,
-                       weight_decay=weight_decay,
-                       mask=mask, method_mask=method_mask, views=views)
+                       weight_decay=weight_decay, mask=mask,
+                       method_mask=method_mask, views=views)
 
 
 def adam_snsm(
@@ -834,9 +752,9 @@ def adam_snsm(
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    mask: alias.MaskOrFn = None,
+    mask: compose.MaskOrFn = None,
     *,
-    method_mask: alias.MaskOrFn = None,
+    method_mask: compose.MaskOrFn = None,
     subset_size: SubsetSize = 'heuristic',
     rank: Optional[int] = None,
     every: int = 200,
@@ -850,33 +768,39 @@ def adam_snsm(
   N = subspace momentum (§5.2: rank r, refresh every T steps, ``reset``),
   den = subset norm (§5.1), W ← W − s_t N/den with
   s_t = η_t sqrt(1 − β2^t)/(1 − β1^t) (the correction multiplies the
-  complement gradient too, as in the code), then W ← W − η_t λ W.
-  The default fallback is AdamW in the code's form (full EMA momentum).
-  Memory r·max + r·min + max(m, n) per matrix (heuristic; the r·min
-  projector included).
-  {named}
+  complement gradient too, as in the code), then the updated weights decay.
+  The default fallback for the other leaves is AdamW in the code's form
+  (full EMA momentum). Memory r·max(m, n) + r·min(m, n) + max(m, n) per
+  matrix (heuristic subsets; the projector included).
+
   Args:
-    learning_rate: η, a float or an optax schedule.
-    b1: momentum decay β1.
-    b2: second-moment decay β2 (< 1).
-    eps: ε added to the denominator.
-    weight_decay: λ of the decay of the updated weights.
-    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
-      prefix, or a function of the params); None = all.
-    method_mask: which leaves get the method (same forms); None = every
-      matrix leaf.
+    learning_rate: η >= 0, a float or an optax schedule.
+    b1: subspace momentum decay β1 in [0, 1).
+    b2: β2 in [0, 1) of the subset-norm accumulator.
+    eps: ε >= 0 of the denominator.
+    weight_decay: λ >= 0 (updated weights, the code's order).
+    mask: weight-decay mask, as for ``optax.adamw``.
+    method_mask: matrices given AdamSNSM (None = all ndim >= 2 leaves).
     subset_size: ``'heuristic'`` or an int (structural).
     rank: subspace rank r >= 1, clipped to min(m, n); None = 128
       (structural: decides the state's shapes).
-    every: refresh period T >= 1 (may be injected; a traced int is fine).
-    reset: momentum at a refresh, ``'clean'`` | ``'faithful'`` | ``'none'``.
-    basis: projector computation, ``'svd'`` or ``'eigh'`` (as
+    every: projector refresh period T >= 1 (may be injected; traced is fine).
+    reset: the momentum at a refresh, ``'clean'`` | ``'faithful'`` |
+      ``'none'`` (see :func:`scale_by_subspace_momentum`).
+    basis: the projector's decomposition, ``'svd'`` or ``'eigh'`` (as
       :func:`optax_fac.svd_rotation`'s ``basis``).
-    views: per-leaf :class:`optax_fac.MatrixView` override.
-    fallback: transform for non-matrix leaves (default: see above).
+    views: per-leaf matrix views.
+    fallback: direction for non-matrix leaves (None = the code's AdamW).
 
   Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+    An ``optax.GradientTransformationExtraArgs`` (AdamSNSM).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_fac
+    >>> tx = optax_fac.adam_snsm(learning_rate=1e-2, rank=8)
+    >>> state = tx.init({'w': jnp.ones((64, 32))})
+    >>> optax_fac.state_size(tx, {'w': jnp.ones((64, 32))}) // 4
+    839
 
   References:
     Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
@@ -889,8 +813,8 @@ def adam_snsm(
   if fallback is None:
     fallback = _direction(_ema(b1), b1, b2, eps, 1, True, views)
   return _sn_optimizer(method_tx, fallback, learning_rate=learning_rate,
-                       weight_decay=weight_decay,
-                       mask=mask, method_mask=method_mask, views=views)
+                       weight_decay=weight_decay, mask=mask,
+                       method_mask=method_mask, views=views)
 
 
 def rmsprop_sn(
@@ -898,34 +822,39 @@ def rmsprop_sn(
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    mask: alias.MaskOrFn = None,
+    mask: compose.MaskOrFn = None,
     *,
-    method_mask: alias.MaskOrFn = None,
+    method_mask: compose.MaskOrFn = None,
     subset_size: SubsetSize = 'heuristic',
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSpropSN (docs/algorithms.md §5.3): no momentum, Subset-Norm step size.
 
-  W ← W − η_t G/den (β1 = 0, no bias correction), then W ← W − η_t λ W.
-  The default fallback is RMSprop (β2, ε, element-wise), as in the code.
-  Memory max(m, n) per matrix (heuristic).
-  {named}
+  W ← W − η_t G/den (β1 = 0, no bias correction), then the updated weights
+  decay by η_t λ. The default fallback is RMSprop (β2, ε, element-wise), as
+  in the code. Memory max(m, n) float32 values per matrix (heuristic).
+
   Args:
-    learning_rate: η, a float or an optax schedule.
-    b2: second-moment decay β2 (< 1).
-    eps: ε added to the denominator.
-    weight_decay: λ of the decay of the updated weights.
-    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
-      prefix, or a function of the params); None = all.
-    method_mask: which leaves get the method (same forms); None = every
-      matrix leaf.
-    subset_size: ``'heuristic'`` or an int (structural).
-    views: per-leaf :class:`optax_fac.MatrixView` override.
-    fallback: transform for non-matrix leaves (default: see above).
+    learning_rate: η >= 0, a float or an optax schedule.
+    b2: second-moment decay β2 in [0, 1).
+    eps: ε >= 0 added to the denominator.
+    weight_decay: λ >= 0 (decay of the updated weights).
+    mask: the decayed leaves (bool tree / prefix / function, as
+      ``optax.adamw``).
+    method_mask: matrices with Subset-Norm (None = every matrix).
+    subset_size: subset length: ``'heuristic'`` or an int (structural).
+    views: matrix views of the leaves.
+    fallback: direction of the other leaves (None = RMSprop).
 
   Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+    RMSpropSN, an ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_fac
+    >>> params = {'w': jnp.ones((512, 256)), 'b': jnp.zeros(256)}
+    >>> optax_fac.state_size(optax_fac.rmsprop_sn(1e-3), params) // 4
+    771
 
   References:
     Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
@@ -936,8 +865,8 @@ def rmsprop_sn(
   if fallback is None:
     fallback = _direction(None, 0.0, b2, eps, 1, False, views)
   return _sn_optimizer(method, fallback, learning_rate=learning_rate,
-                       weight_decay=weight_decay,
-                       mask=mask, method_mask=method_mask, views=views)
+                       weight_decay=weight_decay, mask=mask,
+                       method_mask=method_mask, views=views)
 
 
 def adagrad_sn(
@@ -945,9 +874,9 @@ def adagrad_sn(
     b1: float = 0.9,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    mask: alias.MaskOrFn = None,
+    mask: compose.MaskOrFn = None,
     *,
-    method_mask: alias.MaskOrFn = None,
+    method_mask: compose.MaskOrFn = None,
     subset_size: SubsetSize = 'heuristic',
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
@@ -955,25 +884,31 @@ def adagrad_sn(
   r"""AdaGradSN (docs/algorithms.md §5.3): EMA momentum, Subset-Norm running sum.
 
   N = EMA_β1(G) (not bias corrected), den = sqrt(Σ_t u_t) + ε with u the
-  per-subset sum of G² (β2 = 1), W ← W − η_t N/den, then W ← W − η_t λ W.
-  The default fallback is the same rule element-wise (AdaGrad with EMA
-  momentum), as in the code. Memory mn + max(m, n) per matrix (heuristic).
-  {named}
+  per-subset sum of G² (β2 = 1), W ← W − η_t N/den, then the updated
+  weights decay. The default fallback is the same rule element-wise
+  (AdaGrad with EMA momentum), as in the code. Memory mn + max(m, n) per
+  matrix (heuristic).
+
   Args:
-    learning_rate: η, a float or an optax schedule.
-    b1: momentum decay β1 (0 = no momentum, but the buffer is still kept).
-    eps: ε added to the denominator.
-    weight_decay: λ of the decay of the updated weights.
-    mask: which leaves are decayed, as in ``optax.adamw`` (a bool tree or
-      prefix, or a function of the params); None = all.
-    method_mask: which leaves get the method (same forms); None = every
-      matrix leaf.
-    subset_size: ``'heuristic'`` or an int (structural).
-    views: per-leaf :class:`optax_fac.MatrixView` override.
-    fallback: transform for non-matrix leaves (default: see above).
+    learning_rate: η >= 0, a float or an optax schedule.
+    b1: momentum decay β1 in [0, 1) (0 = no momentum; the buffer is kept).
+    eps: ε >= 0 of the denominator.
+    weight_decay: λ >= 0, applied to the updated weights.
+    mask: ``optax.adamw``-style decay mask (None = every leaf).
+    method_mask: matrix leaves that get AdaGradSN (None = all of them).
+    subset_size: ``'heuristic'`` | int k >= 1 (structural).
+    views: MatrixView overrides.
+    fallback: other leaves' direction (None = element-wise AdaGradSN).
 
   Returns:
-    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+    AdaGradSN (``optax.GradientTransformationExtraArgs``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_fac
+    >>> tx = optax_fac.adagrad_sn(learning_rate=0.1)
+    >>> w = {'w': jnp.full((4, 2), 3.0)}
+    >>> tx.update(w, tx.init(w), w)[0]['w'][0]  # -η(1 - β1)G / ‖G_row‖
+    Array([-0.00707107, -0.00707107], dtype=float32)
 
   References:
     Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
@@ -984,14 +919,8 @@ def adagrad_sn(
   if fallback is None:
     fallback = _direction(_ema(b1), b1, 1.0, eps, 1, False, views)
   return _sn_optimizer(method, fallback, learning_rate=learning_rate,
-                       weight_decay=weight_decay,
-                       mask=mask, method_mask=method_mask, views=views)
-
-
-for _f in (adam_sn, adam_snsm, rmsprop_sn, adagrad_sn):
-  _f.__doc__ = _f.__doc__.replace('{named}', _NAMED_DOC).replace(
-      '{{', '{').replace('}}', '}')
-del _f
+                       weight_decay=weight_decay, mask=mask,
+                       method_mask=method_mask, views=views)
 
 
 # --------------------------------------------------------------------------

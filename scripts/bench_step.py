@@ -72,8 +72,8 @@ def make_optimizer(spec: str, lr: float):
   import ast  # pylint: disable=import-outside-toplevel
   name, *pairs = spec.split(':')
   kwargs = {k: ast.literal_eval(v) for k, v in (p.split('=') for p in pairs)}
-  if hasattr(optax_fac, name):
-    return getattr(optax_fac, name)(learning_rate=lr, **kwargs)
+  if name in optax_fac.NAMED_OPTIMIZERS:
+    return optax_fac.NAMED_OPTIMIZERS[name](learning_rate=lr, **kwargs)
   if name in ('adamw', 'lion'):
     return getattr(optax, name)(learning_rate=lr, weight_decay=0.0)
   return getattr(optax, name)(learning_rate=lr)

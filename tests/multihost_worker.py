@@ -68,16 +68,16 @@ def main():
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   from optax_fac.experiments import distributed as dist  # pylint: disable=g-import-not-at-top
+  from optax_fac.experiments import parallel_check as pc  # pylint: disable=g-import-not-at-top
 
   info = dist.initialize()  # from the environment variables
   assert info['initialized'] and info['process_count'] == 2, info
   assert info['device_count'] == 2 * args.local_devices, info
 
-  names = [n for n in args.optimizers.split(',')
-           if n in dist.available_named_optimizers()]
-  txs = {k: dist.make_named(k)[0] for k in names}
-  tx = dist.combine(txs)
-  params, (x, y) = dist.toy_problem(16)
+  names = args.optimizers.split(',')  # make_named raises on an unknown name
+  txs = {k: pc.make_named(k)[0] for k in names}
+  tx = pc.combine(txs)
+  params, (x, y) = pc.toy_problem(16)
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   rep = NamedSharding(mesh, P())
@@ -91,9 +91,9 @@ def main():
 
   params = jax.tree.map(
       lambda a: jax.make_array_from_process_local_data(rep, np.asarray(a)),
-      dist._copies(txs, params))  # pylint: disable=protected-access
+      pc.param_copies(txs, params))
   state = jax.jit(tx.init, out_shardings=rep)(params)
-  step = jax.jit(dist.train_step(tx), in_shardings=(rep, rep, data),
+  step = jax.jit(pc.train_step(tx), in_shardings=(rep, rep, data),
                  out_shardings=(rep, rep, rep))
   losses = []
   for _ in range(args.steps):

@@ -18,9 +18,8 @@ from flax import nnx
 from flax.training import train_state
 
 import optax_fac
-from optax_fac.experiments import distributed as dist
 
-NAMED = dist.available_named_optimizers()
+NAMED = tuple(optax_fac.NAMED_OPTIMIZERS)
 LR = 1e-2
 STEPS = 15
 

@@ -197,7 +197,7 @@ def test_to_and_from_matrix_round_trip(shape, view, mn):
           else view.normalized(len(shape)))
   y = view.to_matrix(x)
   assert y.shape[-2:] == mn
-  np.testing.assert_array_equal(view.from_matrix(y, shape), x)
+  np.testing.assert_array_equal(view.from_matrix(y, like=x), x)
   # Row sums in the param layout equal row sums of the explicit matrix.
   np.testing.assert_allclose(view.row_sum(x).reshape(-1),
                              np.asarray(y).sum(-1).reshape(-1))

@@ -26,6 +26,7 @@ import pytest
 
 import optax_fac
 from optax_fac.experiments import distributed as dist
+from optax_fac.experiments import parallel_check as pc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -39,8 +40,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _optimizers():
-  return [n for n in ('hfac', 'adadiag') if hasattr(optax_fac, n)]
+# One factored and one rotated optimizer (a basis refresh) of
+# optax_fac.NAMED_OPTIMIZERS.
+OPTIMIZERS = ('hfac', 'adadiag')
+
+
+def test_optimizers_are_named_optimizers():
+  assert set(OPTIMIZERS) <= set(optax_fac.NAMED_OPTIMIZERS)
 
 
 def test_initialize_does_nothing_unless_asked(monkeypatch):
@@ -103,7 +109,7 @@ class Launch:
 
 
 def test_two_processes_train_to_identical_params(tmp_path):
-  names = _optimizers()
+  names = OPTIMIZERS
   port = _free_port()
   outs = [tmp_path / f'params_{i}.npz' for i in range(2)]
   Launch(tmp_path, 'toy', lambda i: [
@@ -116,10 +122,10 @@ def test_two_processes_train_to_identical_params(tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
   # And equal to one device on the full batch.
-  txs = {k: dist.make_named(k)[0] for k in names}
-  params, batch = dist.toy_problem(16)
-  ref, _, _ = dist.run_single(txs, params, batch, STEPS,
-                              jax.devices('cpu')[0])  # as the workers
+  txs = {k: pc.make_named(k)[0] for k in names}
+  params, batch = pc.toy_problem(16)
+  ref, _, _ = pc.run_single(txs, params, batch, STEPS,
+                            jax.devices('cpu')[0])  # as the workers
   flat = jax.tree_util.tree_flatten_with_path(ref)[0]
   assert len(flat) == len(a) - 1
   for path, x in flat:

@@ -18,11 +18,7 @@ import pytest
 
 import optax_fac
 
-NAMED = ('hfac', 'sign_fsgd', 'lion_factor', 'adafactor_momentum', 'adadiag',
-         'adadiag_pp', 'adafac_diag', 'adafac_diag_pp', 'hfac_diag', 'smmf',
-         'adam_sn', 'adam_snsm', 'rmsprop_sn', 'adagrad_sn')
-ROTATED = ('adadiag', 'adadiag_pp', 'adafac_diag', 'adafac_diag_pp',
-           'hfac_diag')
+NAMED = tuple(optax_fac.NAMED_OPTIMIZERS)
 
 
 def make(name, **kwargs):
@@ -36,8 +32,19 @@ def params_and_grads():
 
 
 def test_every_named_optimizer_is_listed():
-  fac = {n for n in optax_fac.__all__ if n in NAMED}
-  assert fac == set(NAMED)
+  import inspect  # pylint: disable=g-import-not-at-top
+  # Each entry is exported under its name.
+  for name, factory in optax_fac.NAMED_OPTIMIZERS.items():
+    assert name in optax_fac.__all__ and getattr(optax_fac, name) is factory
+  # Every exported optimizer (a function taking a learning rate, other than
+  # the builder and the weight-decay transform) is in NAMED_OPTIMIZERS.
+  exported = {n: getattr(optax_fac, n) for n in optax_fac.__all__}
+  optimizers = {
+      n for n, f in exported.items()
+      if callable(f) and not isinstance(f, type)
+      and 'learning_rate' in inspect.signature(f).parameters
+      and n not in ('named_optimizer', 'add_decayed_updated_weights')}
+  assert optimizers == set(NAMED)
 
 
 # --------------------------------------------------------------------------

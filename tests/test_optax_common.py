@@ -3,8 +3,8 @@
 The installed ``optax/contrib/_common_test.py`` is read as source text, its
 optimizer tables (``_MAIN_OPTIMIZERS_UNDER_TEST``, ``_ALL_OPTIMIZERS_UNDER_TEST``)
 are replaced by :data:`OPTIMIZERS` and ``_get_opt_factory`` by
-``getattr(optax_fac, name)``; the result is compiled and executed as a fresh
-module, and its ``ContribTest`` is exposed here. Everything else in optax's
+``optax_fac.NAMED_OPTIMIZERS[name]``; the result is compiled and executed as a
+fresh module, and its ``ContribTest`` is exposed here. Everything else in optax's
 test logic is unchanged.
 
 Two variants:
@@ -64,6 +64,9 @@ _OPT_KWARGS = {
     'rmsprop_sn': {'learning_rate': 1e-3},
     'adagrad_sn': {'learning_rate': 1e-1},
 }
+# Exactly the named optimizers: a new one cannot be left out silently.
+assert set(_OPT_KWARGS) == set(optax_fac.NAMED_OPTIMIZERS), (
+    sorted(set(_OPT_KWARGS) ^ set(optax_fac.NAMED_OPTIMIZERS)))
 
 
 def _table():
@@ -112,7 +115,7 @@ _ALL_OPTIMIZERS_UNDER_TEST = _OPTAX_FAC_OPTIMIZERS
 _FACTORY_NEW = '''\
 def _get_opt_factory(opt_name):
   """Get optimizer factory (optax_fac's named optimizers)."""
-  return getattr(optax_fac, opt_name)
+  return optax_fac.NAMED_OPTIMIZERS[opt_name]
 '''
 
 # (old, new, count) for the 2-D variant.

@@ -3,7 +3,7 @@
 Runs on the 8 CPU devices that conftest.py configures. The equivalence
 checks (one device vs ``jax.pmap`` vs ``jax.jit`` over a data mesh vs
 ``jax.jit`` over a 2-D ('data', 'model') mesh with sharded params and state)
-live in optax_fac/experiments/distributed.py, shared with
+live in optax_fac/experiments/parallel_check.py, shared with
 scripts/parallel_check.py (the GPU run).
 """
 
@@ -19,12 +19,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_fac
-from optax_fac.experiments import distributed as dist
+from optax_fac.experiments import parallel_check as pc
 
-NAMED = dist.available_named_optimizers()
+NAMED = tuple(optax_fac.NAMED_OPTIMIZERS)
 
 # Families (one compiled program per family and mode; families run in
-# parallel under pytest-xdist).
+# parallel under pytest-xdist). Together exactly optax_fac.NAMED_OPTIMIZERS
+# (test_every_named_optimizer_is_covered).
 FAMILIES = {
     'factored': ('hfac', 'sign_fsgd', 'lion_factor', 'adafactor_momentum'),
     'rotation': ('adadiag', 'adadiag_pp', 'adafac_diag', 'adafac_diag_pp',
@@ -40,9 +41,18 @@ def _is_spec(x):
 
 def test_every_named_optimizer_is_covered():
   listed = [n for names in FAMILIES.values() for n in names]
-  assert sorted(listed) == sorted(dist.NAMED_OPTIMIZERS)
-  missing = [n for n in dist.NAMED_OPTIMIZERS if not hasattr(optax_fac, n)]
-  assert not missing, f'named optimizers not exported yet: {missing}'
+  assert sorted(listed) == sorted(NAMED)  # each in exactly one family
+
+
+def test_every_named_optimizer_has_explicit_test_settings():
+  """pc.PATH_KWARGS: only named optimizers, only arguments they take."""
+  assert set(pc.PATH_KWARGS) <= set(NAMED)
+  for name in NAMED:
+    kwargs = pc.named_kwargs(name)  # raises on a missing or unset argument
+    assert kwargs['views'] is pc.stacked_views
+  assert pc.named_kwargs('adam_snsm')['rank'] == 4
+  with pytest.raises(KeyError, match='NAMED_OPTIMIZERS'):
+    pc.named_kwargs('adamw')
 
 
 def test_eight_devices():
@@ -76,7 +86,7 @@ STACK_VIEWS = {k: (optax_fac.MatrixView(rows=(1,), cols=(2,), batch=(0,))
 
 @pytest.mark.parametrize('name', NAMED)
 def test_specs_match_state_structure_and_rank(name):
-  tx, views = dist.make_named(name)  # views: the stacked leaf's batch axis
+  tx, views = pc.make_named(name)  # views: the stacked leaf's batch axis
   with warnings.catch_warnings():
     warnings.simplefilter('error')  # every leaf is covered by a rule
     specs = optax_fac.state_partition_specs(tx, ABSTRACT, SPECS, views=views)
@@ -234,13 +244,11 @@ def test_unknown_view_raises_instead_of_guessing():
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_parallel_equivalence(family):
-  names = [n for n in FAMILIES[family] if hasattr(optax_fac, n)]
-  if not names:
-    pytest.skip(f'{family}: not available yet')
+  names = FAMILIES[family]
   # Full float32 matmuls (GPUs default to TF32, whose rounding would differ
   # between the single-device and the parallel runs).
   with jax.default_matmul_precision('highest'):
-    results = dist.check_group(names, steps=2, devices=jax.devices()[:8])
+    results = pc.check_group(names, steps=2, devices=jax.devices()[:8])
   failures = [r for r in results if not r.ok]
   assert len(results) == 3 * len(names)
   assert not failures, '\n'.join(
@@ -253,14 +261,14 @@ def test_refreshed_basis_is_identical_on_every_device():
   """A basis refreshed from sharded gradients: one basis, on all devices."""
   if not hasattr(optax_fac, 'adadiag_pp'):
     pytest.skip('rotation not available')
-  tx, views = dist.make_named('adadiag_pp')
+  tx, views = pc.make_named('adadiag_pp')
   txs = {'a': tx}
-  params, batch = dist.toy_problem()
+  params, batch = pc.toy_problem()
   devices = jax.devices()[:8]
   with jax.default_matmul_precision('highest'):
-    ref_p, ref_s, _ = dist.run_single(txs, params, batch, 1, devices[0])
-    _, state, rep, s_sh = dist.run_sharded_2d(txs, params, batch, 1, devices,
-                                              views={'a': views})
+    ref_p, ref_s, _ = pc.run_single(txs, params, batch, 1, devices[0])
+    _, state, rep, s_sh = pc.run_sharded_2d(txs, params, batch, 1, devices,
+                                            views={'a': views})
   assert rep == 0.0
   def method(s):  # the rotation state (inside the stacked state by default)
     st = s['a'][0].inner_states['method'].inner_state

@@ -24,8 +24,13 @@ PARAMS = {
 VIEWS = {k: None for k in PARAMS}
 VIEWS['stack'] = optax_fac.MatrixView(rows=(1,), cols=(2,), batch=(0,))
 
+# A selection of optax_fac.NAMED_OPTIMIZERS (test_named_are_named_optimizers).
 NAMED = ['hfac', 'sign_fsgd', 'lion_factor', 'adafactor_momentum', 'adadiag',
          'hfac_diag']
+
+
+def test_named_are_named_optimizers():
+  assert set(NAMED) <= set(optax_fac.NAMED_OPTIMIZERS)
 
 
 def _run(tx, steps=4):

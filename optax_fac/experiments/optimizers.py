@@ -1,9 +1,9 @@
 """Optimizers and schedules by name, for configs.
 
 ``make_optimizer('hfac', schedule, weight_decay=0.1, method_exclude=('embed',))``
-looks the name up in ``optax_fac`` first, then in ``optax`` (dotted names such
-as ``contrib.muon`` are looked up under ``optax``). Keyword arguments are
-checked against the optimizer's signature, so a typo in
+looks the name up in ``optax_fac.NAMED_OPTIMIZERS`` first, then in ``optax``
+(dotted names such as ``contrib.muon`` are looked up under ``optax``). Keyword
+arguments are checked against the optimizer's signature, so a typo in
 ``config.optimizer_kwargs`` fails with the list of accepted names.
 
 Masks are built from parameter *names* (flattened paths ``a/b/kernel``,
@@ -55,11 +55,9 @@ def name_mask(exclude: Iterable[str]) -> Callable[[Any], Any]:
   return mask
 
 
-_NOT_OPTIMIZERS = ('named_optimizer',)
-
-
 def _takes_learning_rate(fn) -> bool:
-  if isinstance(fn, type) or getattr(fn, '__name__', '') in _NOT_OPTIMIZERS:
+  """Whether an optax function is an optimizer (takes a learning rate)."""
+  if isinstance(fn, type):
     return False
   name = getattr(fn, '__name__', '')
   if name.startswith(('scale_by', 'add_')):
@@ -72,11 +70,11 @@ def _takes_learning_rate(fn) -> bool:
 
 
 def available_optimizers() -> dict[str, list[str]]:
-  """Names ``make_optimizer`` accepts, by module (optax_fac first)."""
-  ours = sorted(n for n in optax_fac.__all__
-                if not n.startswith('scale_by')
-                and callable(getattr(optax_fac, n))
-                and _takes_learning_rate(getattr(optax_fac, n)))
+  """Names ``make_optimizer`` accepts, by module (optax_fac first).
+
+  The optax_fac names are ``optax_fac.NAMED_OPTIMIZERS`` (in its order).
+  """
+  ours = list(optax_fac.NAMED_OPTIMIZERS)
   theirs = sorted(n for n in dir(optax) if not n.startswith('_')
                   and callable(getattr(optax, n))
                   and _takes_learning_rate(getattr(optax, n))
@@ -86,10 +84,8 @@ def available_optimizers() -> dict[str, list[str]]:
 
 def lookup(name: str):
   """Returns ``(module_name, factory)`` for an optimizer name."""
-  if '.' not in name and name in getattr(optax_fac, '__all__', ()):
-    fn = getattr(optax_fac, name)
-    if _takes_learning_rate(fn):
-      return 'optax_fac', fn
+  if name in optax_fac.NAMED_OPTIMIZERS:
+    return 'optax_fac', optax_fac.NAMED_OPTIMIZERS[name]
   obj = optax
   for part in name.split('.'):
     obj = getattr(obj, part, None)
