@@ -367,21 +367,31 @@ class Walker:
           f'field but does not have the params structure: {e}') from None
     fn = _FIELD_KINDS[rule] if isinstance(rule, str) else rule
     name = rule if isinstance(rule, str) else getattr(rule, '__name__', 'rule')
+
+    def array(sub, info, here):
+      try:
+        spec = fn(sub, info)
+      except _SpecError as e:
+        raise ValueError(f'state_partition_specs: {here}: {e}') from None
+      return self._record(here, sub, spec, name)
+
+    def subtree(sub, info, here):  # e.g. a tuple of factors: rule per array
+      return jax.tree.map(lambda x: self._record(here, x, fn(x, info), name),
+                          sub)
+
+    return self._per_param(subs, where, array, subtree)
+
+  def _per_param(self, subs, where, array, subtree):
+    """Maps ``array`` / ``subtree`` over a field's per-parameter parts."""
     out = []
     for sub, info in zip(subs, self.infos):
       here = f'{where}{info.path}'
       if sub is None or _is_masked(sub):
         out.append(sub)
       elif _is_array(sub):
-        try:
-          spec = fn(sub, info)
-        except _SpecError as e:
-          raise ValueError(f'state_partition_specs: {here}: {e}') from None
-        out.append(self._record(here, sub, spec, name))
-      else:  # a per-leaf subtree (e.g. a tuple of factors): rule per array
-        def one(x, info=info, here=here):
-          return self._record(here, x, fn(x, info), name)
-        out.append(jax.tree.map(one, sub))
+        out.append(array(sub, info, here))
+      else:
+        out.append(subtree(sub, info, here))
     return self.treedef.unflatten(out)
 
   def auto_leaf(self, x, info: LeafInfo, where: str, registered_cls: str):
@@ -403,16 +413,10 @@ class Walker:
         subs = self.treedef.flatten_up_to(value)
       except (ValueError, TypeError):
         return self.walk(value, where)
-      out = []
-      for sub, info in zip(subs, self.infos):
-        here = f'{where}{info.path}'
-        if sub is None or _is_masked(sub):
-          out.append(sub)
-        elif _is_array(sub):
-          out.append(self.auto_leaf(sub, info, here, cls_name))
-        else:
-          out.append(self.walk(sub, here))
-      return self.treedef.unflatten(out)
+      return self._per_param(
+          subs, where,
+          lambda sub, info, here: self.auto_leaf(sub, info, here, cls_name),
+          lambda sub, info, here: self.walk(sub, here))
     if kind in ('scalar', 'replicated') and not self._params_structured(value):
       return jax.tree.map(
           lambda x: self._record(where, x, _replicated(x), kind), value)

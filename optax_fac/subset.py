@@ -673,13 +673,25 @@ def _direction(momentum, b1, b2, eps, subset_size, bias_correction, views):
   return optax.chain(sn, scale_by_bias_correction(b1, b2))
 
 
-def _sn_optimizer(method, fallback, *, learning_rate, weight_decay, mask,
-                  **named):
-  """partition(method | fallback) -> -η_t -> decay of the updated weights."""
+def _sn_optimizer(momentum, b1, b2, bias_correction, *, eps, subset_size,
+                  views, fallback, learning_rate, weight_decay, mask,
+                  method_mask):
+  """partition(SN direction | fallback) -> -η_t -> decay of the updated weights.
+
+  The default fallback is the same rule element-wise (subset size 1), with an
+  EMA momentum where the method has a momentum, as the official code's
+  "regular" parameter group.
+  """
+  method = _direction(momentum, b1, b2, eps, subset_size, bias_correction,
+                      views)
+  if fallback is None:
+    fallback = _direction(None if momentum is None else _ema(b1), b1, b2, eps,
+                          1, bias_correction, views)
   decay = add_decayed_updated_weights(weight_decay, learning_rate, mask)
   return compose.named_optimizer(
       method, fallback=fallback, learning_rate=learning_rate,
-      weight_decay=weight_decay, mask=mask, decay_after_step=decay, **named)
+      weight_decay=weight_decay, mask=mask, method_mask=method_mask,
+      views=views, decay_after_step=decay)
 
 
 def adam_sn(
@@ -738,12 +750,10 @@ def adam_sn(
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
   """
   _common.check_unit_interval('b2', b2)
-  method = _direction(_ema(b1), b1, b2, eps, subset_size, True, views)
-  if fallback is None:
-    fallback = _direction(_ema(b1), b1, b2, eps, 1, True, views)
-  return _sn_optimizer(method, fallback, learning_rate=learning_rate,
-                       weight_decay=weight_decay, mask=mask,
-                       method_mask=method_mask, views=views)
+  return _sn_optimizer(
+      _ema(b1), b1, b2, True, eps=eps, subset_size=subset_size, views=views, fallback=fallback,
+      learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
+      method_mask=method_mask)
 
 
 def adam_snsm(
@@ -809,12 +819,10 @@ def adam_snsm(
   _common.check_unit_interval('b2', b2)
   sm = scale_by_subspace_momentum(b1, rank, every, reset, basis=basis,
                                   views=views)
-  method_tx = _direction(sm, b1, b2, eps, subset_size, True, views)
-  if fallback is None:
-    fallback = _direction(_ema(b1), b1, b2, eps, 1, True, views)
-  return _sn_optimizer(method_tx, fallback, learning_rate=learning_rate,
-                       weight_decay=weight_decay, mask=mask,
-                       method_mask=method_mask, views=views)
+  return _sn_optimizer(
+      sm, b1, b2, True, eps=eps, subset_size=subset_size, views=views, fallback=fallback,
+      learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
+      method_mask=method_mask)
 
 
 def rmsprop_sn(
@@ -861,12 +869,10 @@ def rmsprop_sn(
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
   """
   _common.check_unit_interval('b2', b2)
-  method = _direction(None, 0.0, b2, eps, subset_size, False, views)
-  if fallback is None:
-    fallback = _direction(None, 0.0, b2, eps, 1, False, views)
-  return _sn_optimizer(method, fallback, learning_rate=learning_rate,
-                       weight_decay=weight_decay, mask=mask,
-                       method_mask=method_mask, views=views)
+  return _sn_optimizer(
+      None, 0.0, b2, False, eps=eps, subset_size=subset_size, views=views, fallback=fallback,
+      learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
+      method_mask=method_mask)
 
 
 def adagrad_sn(
@@ -915,12 +921,10 @@ def adagrad_sn(
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025.
   """
   _common.check_unit_interval('b1', b1)
-  method = _direction(_ema(b1), b1, 1.0, eps, subset_size, False, views)
-  if fallback is None:
-    fallback = _direction(_ema(b1), b1, 1.0, eps, 1, False, views)
-  return _sn_optimizer(method, fallback, learning_rate=learning_rate,
-                       weight_decay=weight_decay, mask=mask,
-                       method_mask=method_mask, views=views)
+  return _sn_optimizer(
+      _ema(b1), b1, 1.0, False, eps=eps, subset_size=subset_size, views=views, fallback=fallback,
+      learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
+      method_mask=method_mask)
 
 
 # --------------------------------------------------------------------------
