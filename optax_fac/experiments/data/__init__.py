@@ -11,6 +11,7 @@ task. Text: ``shakespeare``, ``stdlib`` (shipped, tokenized in memory) and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping
 
@@ -37,6 +38,14 @@ class Data:
   num_train_examples: int = 0     # classification: epoch length
 
 
+def _required(cfg: Mapping[str, Any], key: str, what: str):
+  """``cfg[key]``; raises 'data.<key> must name <what>' where it is unset."""
+  value = cfg.get(key)
+  if not value:
+    raise ValueError(f'data.{key} must name {what}')
+  return value
+
+
 def make_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int,
               seed: int) -> Data:
   """Builds the data of a config's ``data`` section (see module docstring)."""
@@ -47,10 +56,8 @@ def make_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int,
     seq_len = int(get('seq_len', 256))
     n_eval = get('eval_batches', 8)
     if name == 'c4':
-      data_dir = get('data_dir')
-      if not data_dir:
-        raise ValueError('data.data_dir must name the folder of c4-*.json.gz '
-                         'shards for data.name="c4".')
+      data_dir = _required(cfg, 'data_dir', 'the folder of c4-*.json.gz '
+                           'shards for data.name="c4".')
       train_files = c4.shard_files(data_dir, get('train_pattern',
                                                  'c4-train.*.json.gz'))
       valid_files = c4.shard_files(data_dir, get('validation_pattern',
@@ -58,13 +65,8 @@ def make_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int,
       train = c4.PackedC4(train_files, tok, seq_len, batch_size, seed=seed)
       if get('prefetch', 2):
         train = prefetch.Prefetch(train, get('prefetch', 2))
-      cache = {}
-
-      def eval_batches():
-        if 'b' not in cache:
-          cache['b'] = c4.eval_batches(valid_files, tok, seq_len,
-                                       eval_batch_size, n_eval)
-        return cache['b']
+      eval_batches = functools.cache(lambda: c4.eval_batches(  # read once
+          valid_files, tok, seq_len, eval_batch_size, n_eval))
     else:
       if name == 'shakespeare':
         tr, va = text.shakespeare_split(get('validation_play', 'hamlet'),
@@ -85,10 +87,8 @@ def make_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int,
     from optax_fac.experiments.data import images  # pylint: disable=g-import-not-at-top
     if name == 'imagenet':
       if get('source', 'folder') == 'folder':
-        root = get('data_dir')
-        if not root:
-          raise ValueError('data.data_dir must name the ImageNet folder '
-                           '(<dir>/<split>/<class>/*.JPEG).')
+        root = _required(cfg, 'data_dir', 'the ImageNet folder '
+                         '(<dir>/<split>/<class>/*.JPEG).')
         train_src = images.FolderSource(os.path.join(root, get('train_split',
                                                                'train')))
         eval_src = images.FolderSource(os.path.join(root, get('eval_split',
@@ -118,12 +118,8 @@ def make_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int,
       train = prefetch.Prefetch(train, get('prefetch'))
     evaluator = images.ImageIterator(eval_src, eval_batch_size, train=False,
                                      **common)
-    cache = {}
-
-    def eval_batches():
-      if 'b' not in cache:
-        cache['b'] = evaluator.eval_batches(get('eval_batches'))
-      return cache['b']
+    eval_batches = functools.cache(  # decoded once
+        lambda: evaluator.eval_batches(get('eval_batches')))
     first, _ = train_src[0]
     if size is None:
       size = (first.size[0] if hasattr(first, 'size') and

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from optax_fac.experiments.data import augment
+from optax_fac.experiments.data import resumable
 from optax_fac.experiments.data.text import package_file
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.JPEG', '.JPG', '.PNG')
@@ -130,7 +131,7 @@ def digits(test_fraction: float = 0.2, seed: int = 0):
                 test_fraction, seed)
 
 
-class ImageIterator:
+class ImageIterator(resumable.StepIterator):
   """Resumable augmented batches of an image source.
 
   Args:
@@ -153,8 +154,8 @@ class ImageIterator:
                randaugment=None, mixup_alpha: float = 0.0,
                normalize: str = 'imagenet', seed: int = 0,
                num_workers: int = 8):
+    super().__init__(len(source), batch_size, seed)
     self.source = source
-    self.batch_size = int(batch_size)
     self.image_size = image_size
     self.train = train
     self.crop = crop
@@ -162,18 +163,9 @@ class ImageIterator:
     self.randaugment = tuple(randaugment) if randaugment else None
     self.mixup_alpha = float(mixup_alpha)
     self.normalize = normalize
-    self.seed = int(seed)
     self.num_classes = source.num_classes
-    self.step = 0
-    self._perm_cache = {}
     self._pool = (concurrent.futures.ThreadPoolExecutor(num_workers)
                   if num_workers > 1 else None)
-
-  def _perm(self, epoch):
-    if epoch not in self._perm_cache:
-      self._perm_cache = {epoch: np.random.default_rng(
-          [self.seed, epoch]).permutation(len(self.source))}
-    return self._perm_cache[epoch]
 
   def _example(self, index: int, rng: Optional[np.random.Generator]):
     image, label = self.source[int(index)]
@@ -200,10 +192,7 @@ class ImageIterator:
     return arr, label
 
   def batch_at(self, step: int) -> dict:
-    n = len(self.source)
-    flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-    epochs, within = np.divmod(flat, n)
-    idx = np.array([self._perm(int(e))[w] for e, w in zip(epochs, within)])
+    idx = self.batch_indices(step)
     rngs = [np.random.default_rng([self.seed, step, i])
             for i in range(self.batch_size)]
     return self._assemble(idx, rngs, np.random.default_rng(
@@ -236,17 +225,3 @@ class ImageIterator:
       out.append(self._assemble(np.minimum(idx, n - 1),
                                 [None] * self.batch_size, None, weights))
     return out
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    batch = self.batch_at(self.step)
-    self.step += 1
-    return batch
-
-  def get_state(self) -> dict:
-    return {'step': self.step}
-
-  def set_state(self, state: dict) -> None:
-    self.step = int(state['step'])

@@ -13,9 +13,11 @@ import glob
 import importlib.util
 import os
 import sysconfig
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
+
+from optax_fac.experiments.data import resumable
 
 
 class ByteTokenizer:
@@ -157,7 +159,7 @@ def stdlib_split(max_bytes: int = 8_000_000, every: int = 20):
 # -- Index-based windows --------------------------------------------------------
 
 
-class WindowIterator:
+class WindowIterator(resumable.StepIterator):
   """Batches of windows of a token array; the batch at step s depends on s only.
 
   Windows i = tokens[i·L : i·L + L + 1] (L = seq_len), visited in a fresh
@@ -168,48 +170,17 @@ class WindowIterator:
                seed: int = 0, shuffle: bool = True):
     self.tokens = np.asarray(tokens, np.int32)
     self.seq_len = int(seq_len)
-    self.batch_size = int(batch_size)
-    self.seed = int(seed)
-    self.shuffle = shuffle
     self.num_windows = (len(self.tokens) - 1) // self.seq_len
     if self.num_windows < 1:
       raise ValueError(f'Corpus of {len(self.tokens)} tokens is shorter than '
                        f'one window of {self.seq_len + 1}.')
-    self.step = 0
-    self._perms = {}
-
-  def _perm(self, epoch: int) -> np.ndarray:
-    if not self.shuffle:
-      return np.arange(self.num_windows)
-    if epoch not in self._perms:
-      self._perms = {epoch: np.random.default_rng(
-          [self.seed, epoch]).permutation(self.num_windows)}
-    return self._perms[epoch]
+    super().__init__(self.num_windows, batch_size, seed, shuffle)
 
   def batch_at(self, step: int) -> dict:
-    flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-    epochs, within = np.divmod(flat, self.num_windows)
-    idx = np.empty_like(flat)
-    for e in np.unique(epochs):
-      sel = epochs == e
-      idx[sel] = self._perm(int(e))[within[sel]]
+    idx = self.batch_indices(step)
     offsets = idx[:, None] * self.seq_len + np.arange(self.seq_len + 1)
     windows = self.tokens[offsets]
     return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
-
-  def __iter__(self) -> Iterator[dict]:
-    return self
-
-  def __next__(self) -> dict:
-    batch = self.batch_at(self.step)
-    self.step += 1
-    return batch
-
-  def get_state(self) -> dict:
-    return {'step': self.step}
-
-  def set_state(self, state: dict) -> None:
-    self.step = int(state['step'])
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int,

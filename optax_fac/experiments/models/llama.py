@@ -29,8 +29,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from optax_fac.experiments.models import common
+
+SIZE_FIELDS = ('d_model', 'ffn_dim', 'num_layers', 'num_heads')
 SIZES = {
-    # name: (d_model, ffn, layers, heads)
+    # name: SIZE_FIELDS
     '60m': (512, 1376, 8, 8),
     '130m': (768, 2048, 12, 12),
     '350m': (1024, 2736, 24, 16),
@@ -53,11 +56,8 @@ class LlamaConfig:
 
   @classmethod
   def from_size(cls, size: str, **overrides) -> 'LlamaConfig':
-    if size not in SIZES:
-      raise ValueError(f'Unknown LLaMA size {size!r}; known: {sorted(SIZES)}.')
-    d, f, l, h = SIZES[size]
-    fields = dict(d_model=d, ffn_dim=f, num_layers=l, num_heads=h)
-    return cls(**{**fields, **overrides})
+    return common.config_from_size(cls, 'LLaMA', SIZES, SIZE_FIELDS, size,
+                                   overrides)
 
   def num_params(self) -> int:
     """The parameter count this config implies (checked against the model)."""
@@ -79,6 +79,16 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
+def dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
+  """A LLaMA projection: no bias, kernel N(0, init_std²)."""
+  return nn.Dense(features, use_bias=False, dtype=cfg.dtype,
+                  kernel_init=nn.initializers.normal(cfg.init_std), name=name)
+
+
+def rms_norm(cfg: LlamaConfig, name: str) -> nn.RMSNorm:
+  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, name=name)
+
+
 class Attention(nn.Module):
   cfg: LlamaConfig
 
@@ -86,18 +96,14 @@ class Attention(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.num_heads
-    proj = lambda name: nn.Dense(  # noqa: E731
-        cfg.d_model, use_bias=False, dtype=cfg.dtype,
-        kernel_init=nn.initializers.normal(cfg.init_std), name=name)
     b, s, _ = x.shape
-    q = proj('q')(x).reshape(b, s, cfg.num_heads, head_dim)
-    k = proj('k')(x).reshape(b, s, cfg.num_heads, head_dim)
-    v = proj('v')(x).reshape(b, s, cfg.num_heads, head_dim)
+    q, k, v = (dense(cfg, cfg.d_model, name)(x).reshape(
+        b, s, cfg.num_heads, head_dim) for name in ('q', 'k', 'v'))
     positions = jnp.arange(s)
     q = rotary(q, positions, cfg.rope_theta)
     k = rotary(k, positions, cfg.rope_theta)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return proj('o')(out.reshape(b, s, cfg.d_model))
+    return dense(cfg, cfg.d_model, 'o')(out.reshape(b, s, cfg.d_model))
 
 
 class SwiGLU(nn.Module):
@@ -106,13 +112,9 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    init = nn.initializers.normal(cfg.init_std)
-    gate = nn.Dense(cfg.ffn_dim, use_bias=False, dtype=cfg.dtype,
-                    kernel_init=init, name='gate')(x)
-    up = nn.Dense(cfg.ffn_dim, use_bias=False, dtype=cfg.dtype,
-                  kernel_init=init, name='up')(x)
-    return nn.Dense(cfg.d_model, use_bias=False, dtype=cfg.dtype,
-                    kernel_init=init, name='down')(nn.silu(gate) * up)
+    gate = dense(cfg, cfg.ffn_dim, 'gate')(x)
+    up = dense(cfg, cfg.ffn_dim, 'up')(x)
+    return dense(cfg, cfg.d_model, 'down')(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -121,10 +123,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    norm = lambda name: nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype,  # noqa: E731
-                                   name=name)
-    x = x + Attention(cfg, name='attn')(norm('attn_norm')(x))
-    return x + SwiGLU(cfg, name='mlp')(norm('mlp_norm')(x))
+    x = x + Attention(cfg, name='attn')(rms_norm(cfg, 'attn_norm')(x))
+    return x + SwiGLU(cfg, name='mlp')(rms_norm(cfg, 'mlp_norm')(x))
 
 
 class Llama(nn.Module):
@@ -141,8 +141,6 @@ class Llama(nn.Module):
                  dtype=cfg.dtype, name='embed')(tokens)
     for i in range(cfg.num_layers):
       x = Block(cfg, name=f'layers_{i}')(x)
-    x = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, name='final_norm')(x)
-    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                      kernel_init=nn.initializers.normal(cfg.init_std),
-                      name='lm_head')(x)
+    x = rms_norm(cfg, 'final_norm')(x)
+    logits = dense(cfg, cfg.vocab_size, 'lm_head')(x)
     return logits.astype(jnp.float32)

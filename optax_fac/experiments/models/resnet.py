@@ -17,8 +17,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from optax_fac.experiments.models import common
+
+SIZE_FIELDS = ('stage_sizes', 'block', 'width', 'stem')
 SIZES = {
-    # name: (stage_sizes, block, width, stem)
+    # name: SIZE_FIELDS
     '18': ((2, 2, 2, 2), 'basic', 64, 'imagenet'),
     '34': ((3, 4, 6, 3), 'basic', 64, 'imagenet'),
     '50': ((3, 4, 6, 3), 'bottleneck', 64, 'imagenet'),
@@ -40,12 +43,8 @@ class ResNetConfig:
 
   @classmethod
   def from_size(cls, size: str, **overrides) -> 'ResNetConfig':
-    if size not in SIZES:
-      raise ValueError(f'Unknown ResNet size {size!r}; known: {sorted(SIZES)}.')
-    stages, block, width, stem = SIZES[size]
-    fields = dict(stage_sizes=tuple(stages), block=block, width=width,
-                  stem=stem)
-    return cls(**{**fields, **overrides})
+    return common.config_from_size(cls, 'ResNet', SIZES, SIZE_FIELDS, size,
+                                   overrides)
 
   def num_params(self) -> int:
     """Trainable parameters this config implies (BN scale+bias counted)."""
@@ -70,46 +69,47 @@ class ResNetConfig:
     return total + cin * self.num_classes + self.num_classes
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+  """Fields and shortcut of the basic and bottleneck blocks."""
+
   filters: int
   conv: Any
   norm: Any
   strides: int = 1
 
+  def add_shortcut(self, x, y):
+    """relu(x + y), x projected where the block changed its shape.
+
+    The projection is a strided 1x1 conv + BN (``proj_conv`` / ``proj_bn``).
+    """
+    if x.shape != y.shape:
+      x = self.conv(y.shape[-1], (1, 1), (self.strides, self.strides),
+                    name='proj_conv')(x)
+      x = self.norm(name='proj_bn')(x)
+    return nn.relu(x + y)
+
+
+class BasicBlock(_ResidualBlock):
+
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, (3, 3))(y)
     y = self.norm(scale_init=nn.initializers.zeros)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
-                           name='proj_conv')(residual)
-      residual = self.norm(name='proj_bn')(residual)
-    return nn.relu(residual + y)
+    return self.add_shortcut(x, y)
 
 
-class BottleneckBlock(nn.Module):
-  filters: int
-  conv: Any
-  norm: Any
-  strides: int = 1
+class BottleneckBlock(_ResidualBlock):
 
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters * 4, (1, 1))(y)
     y = self.norm(scale_init=nn.initializers.zeros)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1),
-                           (self.strides, self.strides), name='proj_conv')(
-                               residual)
-      residual = self.norm(name='proj_bn')(residual)
-    return nn.relu(residual + y)
+    return self.add_shortcut(x, y)
 
 
 class ResNet(nn.Module):

@@ -16,8 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from optax_fac.experiments.models import common
+
+SIZE_FIELDS = ('patch', 'width', 'depth', 'heads', 'mlp_dim')
 SIZES = {
-    # name: (patch, width, depth, heads, mlp)
+    # name: SIZE_FIELDS
     'ti16': (16, 192, 12, 3, 768),
     's16': (16, 384, 12, 6, 1536),
     'b16': (16, 768, 12, 12, 3072),
@@ -41,11 +44,8 @@ class ViTConfig:
 
   @classmethod
   def from_size(cls, size: str, **overrides) -> 'ViTConfig':
-    if size not in SIZES:
-      raise ValueError(f'Unknown ViT size {size!r}; known: {sorted(SIZES)}.')
-    p, w, d, h, m = SIZES[size]
-    fields = dict(patch=p, width=w, depth=d, heads=h, mlp_dim=m)
-    return cls(**{**fields, **overrides})
+    return common.config_from_size(cls, 'ViT', SIZES, SIZE_FIELDS, size,
+                                   overrides)
 
   @property
   def num_patches(self) -> int:
