@@ -1,0 +1,156 @@
+"""CPU smoke test of scripts/bench_scale.py (the GPU benchmark harness).
+
+One real run on bench_step's 'tiny' tree (adamw and one rotation optimizer,
+each in its own worker process, short timings), the JSON's fields and the
+``--table`` mode; the merge / ratio / budget logic on synthetic rows.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / 'scripts' / 'bench_scale.py'
+sys.path.insert(0, str(ROOT / 'scripts'))
+import bench_scale  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _run(*args, timeout=240):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp('bench_scale')
+  proc = _run('--models=tiny', '--dtypes=float32', '--optimizers=adadiag',
+              f'--out={out}', '--phase_seconds=0.02', '--iters=3',
+              '--loop_steps=2', '--repeats=1', '--refresh_steps=0')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  path = out / 'bench_scale_cpu.json'
+  assert path.exists(), (list(out.iterdir()), proc.stderr[-3000:])
+  assert proc.stdout.strip().endswith(str(path))
+  return path, json.loads(path.read_text()), proc.stderr
+
+
+def test_rows_and_fields(tiny_run):
+  _, doc, log = tiny_run
+  rows = {r['optimizer']: r for r in doc['rows']}
+  assert list(rows) == ['adamw', 'adadiag'], log[-2000:]  # adamw first
+  assert doc['device'] == 'cpu' and doc['schema'] == 'bench_scale/1'
+  run = doc['runs'][-1]
+  for key in ('jax', 'optax', 'device_kind', 'config'):
+    assert run[key], key
+  for r in rows.values():
+    assert r['status'] == 'ok', (r.get('error'), r.get('traceback'))
+    assert r['model'] == 'tiny' and r['dtype'] == 'float32'
+    for key in ('device_ms', 'pipelined_ms', 'sync_ms', 'state_bytes',
+                'param_bytes', 'ideal_bytes', 'bandwidth_gbs',
+                'xla_temp_bytes', 'xla_transient_bytes', 'compile_step_s',
+                'compile_loop_s', 'loop_steps'):
+      assert r[key] is not None and r[key] >= 0, key
+    assert r['device_ms'] > 0 and r['pipelined_ms'] > 0
+    # CPU: no memory_stats, so no measured transient (the XLA one is there).
+    assert r['transient_bytes'] is None
+    assert r['ideal_bytes'] == (3 * r['param_bytes'] + 2 * r['state_bytes']
+                                - r['readonly_state_bytes'])
+    assert r['n_params'] == bench_scale.n_params('tiny')
+  adamw, adadiag = rows['adamw'], rows['adadiag']
+  assert adamw['device_vs_adamw'] == 1.0 and adamw['state_vs_adamw'] == 1.0
+  # adamw: m and v in float32 (+ a counter): the 7-array model of bench_step.
+  n = adamw['n_params']
+  assert abs(adamw['ideal_bytes'] - 7 * 4 * n) < 64
+  assert not adamw['refresh'] and 'refresh_ms' not in adamw
+  # adadiag: non-refresh step timed, one refresh step, amortized at every=200.
+  assert adadiag['refresh'] and adadiag['every'] == 200
+  assert adadiag['counts_set'] >= 1 and adadiag['readonly_state_bytes'] > 0
+  assert adadiag['model_flops'] > 0 and adadiag['tflops'] > 0
+  assert len(adadiag['refresh_times_ms']) == 1
+  assert adadiag['refresh_first_call_only']
+  want = (adadiag['refresh_ms'] + 199 * adadiag['device_ms']) / 200
+  assert adadiag['amortized_ms'] == pytest.approx(want)
+  assert adadiag['amortized_vs_adamw'] == pytest.approx(
+      want / adamw['device_ms'])
+  assert adadiag['device_vs_adamw'] == pytest.approx(
+      adadiag['device_ms'] / adamw['device_ms'])
+
+
+def test_table_mode(tiny_run):
+  path, _, _ = tiny_run
+  proc = _run(f'--table={path}', timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  header = next(line for line in lines if line.startswith('| optimizer'))
+  for col in ('device ms', 'pipelined ms', 'state MiB', 'transient MiB',
+              'ideal GB', 'GB/s', 'refresh ms', 'amortized ms', 'status'):
+    assert col in header, col
+  body = [line for line in lines if line.startswith('| `')]
+  assert [b.split('|')[1].strip() for b in body] == ['`adamw`', '`adadiag`']
+  ncols = header.count('|')
+  assert all(b.count('|') == ncols for b in body)
+  assert '| ok |' in body[1] and '| 1.00 |' in body[0]
+
+
+def test_budget_exhausted_records_skips(tmp_path):
+  proc = _run('--models=tiny', '--optimizers=adamw,hfac', f'--out={tmp_path}',
+              '--max_seconds=0', timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  doc = json.loads((tmp_path / 'bench_scale_unknown.json').read_text())
+  assert [r['status'] for r in doc['rows']] == ['skipped', 'skipped']
+  assert 'budget' in doc['rows'][0]['error']
+
+
+def test_optimizer_list_and_specs():
+  names = bench_scale.default_optimizers()
+  assert names[:5] == ['adamw', 'adamw_bf16m', 'adafactor', 'lion', 'muon']
+  assert set(names[5:]) == set(bench_scale.optax_fac.NAMED_OPTIMIZERS)
+  refreshed = [n for n in names if bench_scale.has_refresh(n)]
+  assert set(refreshed) == {'adadiag', 'adadiag_pp', 'adafac_diag',
+                            'adafac_diag_pp', 'hfac_diag', 'adam_snsm'}
+  assert names[-len(refreshed):] == refreshed  # refresh ones last, pp at end
+  assert names[-2:] == ['adadiag_pp', 'adafac_diag_pp']
+  assert bench_scale.parse_spec("adam_snsm:basis='eigh':rank=64") == (
+      'adam_snsm', {'basis': 'eigh', 'rank': 64})
+  with pytest.raises(ValueError, match='unknown optimizer'):
+    bench_scale.parse_spec('adamw2')
+  assert bench_scale.n_params('llama1b') == pytest.approx(1.34e9, rel=0.01)
+  assert bench_scale.n_params('llama130m') == pytest.approx(134e6, rel=0.01)
+  # One-sided rotation flops: 4 k^2 o per matrix, k the smaller side.
+  shapes = {'w': (64, 256), 'b': (256,)}
+  assert bench_scale.model_flops('adadiag', shapes) == 4 * 64 * 64 * 256
+  assert bench_scale.model_flops('adadiag_pp', shapes) == (
+      4 * 64 * 64 * 256 + 4 * 64 * 256 * 256)
+  assert bench_scale.model_flops('hfac', shapes) is None
+
+
+def _row(run, opt, status='ok', device=1.0, **kw):
+  return dict(model='m', dtype='float32', optimizer=opt, status=status,
+              run_id=run, device_ms=device, pipelined_ms=device,
+              sync_ms=device, state_bytes=8, **kw)
+
+
+def test_merge_keeps_better_rows_and_ratios(tmp_path):
+  path = str(tmp_path / 'r.json')
+  doc = bench_scale._load_doc(path, True)
+  old = [_row('a', 'adamw', device=2.0), _row('a', 'hfac', device=3.0),
+         _row('a', 'smmf', device=4.0)]
+  bench_scale._save(path, doc, old, 'a', {}, 0.0)
+  doc = bench_scale._load_doc(path, False)
+  new = [_row('b', 'adamw', device=4.0),
+         _row('b', 'hfac', status='timeout', device=None),
+         _row('b', 'smmf', device=2.0),
+         dict(_row('b', 'lion'), status='skipped')]
+  bench_scale._save(path, doc, new, 'b', {}, 0.0)
+  rows = {r['optimizer']: r for r in json.loads(open(path).read())['rows']}
+  assert rows['adamw']['run_id'] == 'b'
+  assert rows['hfac']['run_id'] == 'a'  # a failure does not replace an ok
+  assert rows['hfac']['device_vs_adamw'] == 1.5  # its own run's adamw
+  assert rows['smmf']['run_id'] == 'b'
+  assert rows['smmf']['device_vs_adamw'] == 0.5
+  assert rows['lion']['status'] == 'skipped'  # nothing better to keep
