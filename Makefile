@@ -1,12 +1,13 @@
-# Two commands for a newcomer on a fresh machine (see README.md):
-#   make demo   -- set up .venv and run the small real training comparison
-#   make test   -- set up .venv and run the whole test suite
+# Commands for a newcomer on a fresh machine (see README.md):
+#   make demo      -- set up .venv and run the small real training comparison
+#   make test      -- set up .venv and run the whole test suite (what CI runs)
+#   make test-fast -- the same without the tests marked slow (the quick loop)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) results/demo

@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
-from optax._src import test_utils
 
 import optax_fac
 from optax_fac import rotation
+import tree_checks
 
 SHAPES = {'w': (4, 6), 'b': (3,)}
 
@@ -69,17 +69,17 @@ def test_adadiag_decomposes_once_per_refresh_step(count_decompositions):
   # Same results: what optax.MultiSteps keeps is the basis of the full
   # accumulated gradient, which is the only one computed here.
   for (u, s), (su, ss) in zip(ours, stock):
-    test_utils.assert_trees_all_close(u, su, rtol=1e-6, atol=1e-7)
-    test_utils.assert_trees_all_close(s, ss, rtol=1e-6, atol=1e-7)
+    tree_checks.assert_trees_all_close(u, su, rtol=1e-6, atol=1e-7)
+    tree_checks.assert_trees_all_close(s, ss, rtol=1e-6, atol=1e-7)
   # ... and equal to the plain optimizer on the mean gradients.
   state = tx.init(params)
   for real in range(real_steps):
     mean = jax.tree.map(lambda *g: sum(g) / k, *micro[real * k:(real + 1) * k])
     pu, state = jax.jit(tx.update)(mean, state, params)
-    test_utils.assert_trees_all_close(ours[real * k + k - 1][0], pu,
-                                      rtol=1e-4, atol=1e-6)
+    tree_checks.assert_trees_all_close(ours[real * k + k - 1][0], pu,
+                                       rtol=1e-4, atol=1e-6)
     for j in range(k - 1):
-      test_utils.assert_trees_all_equal(
+      tree_checks.assert_trees_all_equal(
           ours[real * k + j][0], jax.tree.map(jnp.zeros_like, params))
 
 
@@ -88,10 +88,10 @@ def _assert_same(ours, stock, exact):
   fuses the inner update differently inside lax.cond; measured: a few ulp)."""
   for (u, s), (su, ss) in zip(ours, stock):
     if exact:
-      test_utils.assert_trees_all_equal((u, s), (su, ss))
+      tree_checks.assert_trees_all_equal((u, s), (su, ss))
     else:
-      test_utils.assert_trees_all_close((u, s), (su, ss), rtol=1e-6,
-                                        atol=1e-8)
+      tree_checks.assert_trees_all_close((u, s), (su, ss), rtol=1e-6,
+                                         atol=1e-8)
 
 
 @pytest.mark.parametrize('jit', [True, False], ids=['jit', 'eager'])
@@ -154,7 +154,7 @@ def test_drop_in_contract():
   grads = jax.tree.map(lambda p: 0.5 * p, params)
   u, state = update(grads, state, params)
   assert not ms.has_updated(state)
-  test_utils.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+  tree_checks.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
   u, state = update(grads, state, params)
   assert ms.has_updated(state) and len(traces) == 1
   assert all(float(jnp.max(jnp.abs(x))) > 0 for x in jax.tree.leaves(u))

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optax._src import test_utils
 
 import contract
 import optax_fac
+import tree_checks
 
 CASES = contract.all_cases()
 ids = [c.name for c in CASES]
@@ -43,7 +43,7 @@ _TARGETS = (contract.mixed_target, contract.matrix_least_squares)
                          ids=[t.__name__ for t in _TARGETS])
 def test_converges(case, target):
   params, xs = _run(case.make(**case.kwargs), target, case.steps)
-  test_utils.assert_trees_all_close(params, xs, rtol=3e-2, atol=3e-2)
+  tree_checks.assert_trees_all_close(params, xs, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize('case', CASES, ids=ids)
@@ -53,7 +53,7 @@ def test_converges_with_schedule(case):
   sched = optax.cosine_decay_schedule(lr, case.steps, alpha=0.1)
   params, xs = _run(case.make(learning_rate=sched, **kwargs),
                     contract.matrix_least_squares, case.steps)
-  test_utils.assert_trees_all_close(params, xs, rtol=3e-2, atol=3e-2)
+  tree_checks.assert_trees_all_close(params, xs, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize('case', CASES, ids=ids)
@@ -68,7 +68,7 @@ def test_extra_args_and_no_recompilation(case):
     return optax.apply_updates(params, updates), state
 
   params, state = step(x0, opt.init(x0))
-  with test_utils.log_compilations() as logs:
+  with tree_checks.log_compilations() as logs:
     step(params, state)
   assert not logs, 'recompiled on the second call'
 
@@ -87,9 +87,9 @@ def test_inject_hyperparams(case):
   for _ in range(3):
     u, state = jax.jit(opt.update)(grads, state, params)
     iu, istate = jax.jit(injected.update)(grads, istate, params)
-    test_utils.assert_trees_all_close(iu, u, rtol=1e-5, atol=1e-6)
-  test_utils.assert_trees_all_close(istate.inner_state, state, rtol=1e-5,
-                                    atol=1e-6)
+    tree_checks.assert_trees_all_close(iu, u, rtol=1e-5, atol=1e-6)
+  tree_checks.assert_trees_all_close(istate.inner_state, state, rtol=1e-5,
+                                     atol=1e-6)
 
 
 @pytest.mark.parametrize('case', CASES, ids=ids)
@@ -107,8 +107,8 @@ def test_preserves_dtype_and_is_finite(case, dtype):
     updates, state = update(g, state, params)
     for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
       assert u.dtype == p.dtype
-    test_utils.assert_tree_all_finite(updates)
-    test_utils.assert_tree_all_finite(state)
+    tree_checks.assert_tree_all_finite(updates)
+    tree_checks.assert_tree_all_finite(state)
 
 
 @pytest.mark.parametrize('case', CASES, ids=ids)
@@ -117,7 +117,7 @@ def test_zero_gradient_first_step(case):
   params = {'w': jnp.ones((5, 3)), 'b': jnp.ones(3)}
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, state = jax.jit(opt.update)(zeros, opt.init(params), params)
-  test_utils.assert_tree_all_finite((updates, state))
+  tree_checks.assert_tree_all_finite((updates, state))
   for u in jax.tree.leaves(updates):
     assert float(jnp.max(jnp.abs(u))) < 1e-3
 
@@ -136,11 +136,14 @@ def test_multisteps(case, dtype):
   params = {'w': jnp.ones((4, 3), dtype), 'b': jnp.ones(3, dtype)}
   grads = jax.tree.map(lambda p: 0.5 * p, params)
   state = jax.jit(opt.init)(params)
-  updates, state = jax.jit(opt.update)(grads, state, params)
-  test_utils.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like,
-                                                          params))
+  # Jitted once: opt.update is a bound method, a new object at each access,
+  # so jax.jit(opt.update) in the loop would trace and compile every time.
+  update = jax.jit(opt.update)
+  updates, state = update(grads, state, params)
+  tree_checks.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like,
+                                                           params))
   for _ in range(3):
-    updates, state = jax.jit(opt.update)(grads, state, params)
+    updates, state = update(grads, state, params)
   assert any(float(jnp.max(jnp.abs(u))) > 0 for u in jax.tree.leaves(updates))
 
 
@@ -175,7 +178,7 @@ def test_init_on_abstract_params(case):
   from_abstract = opt.init(params)
   concrete = opt.init(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                    params))
-  test_utils.assert_trees_all_equal_structs(from_abstract, concrete)
+  tree_checks.assert_trees_all_equal_structs(from_abstract, concrete)
   for a, c in zip(jax.tree.leaves(from_abstract), jax.tree.leaves(concrete)):
     assert (a.shape, a.dtype) == (c.shape, c.dtype)
 
@@ -190,14 +193,14 @@ def test_state_sharding_types_on_explicit_mesh(case):
     params = jnp.ones((2, 8, 4), jnp.float32, out_sharding=sharding) * 0.5
     state0 = opt.init(params)
     _, state1 = opt.update(params, state0, params)
-    test_utils.assert_trees_all_equal(jax.tree.map(jax.typeof, state0),
-                                      jax.tree.map(jax.typeof, state1))
+    tree_checks.assert_trees_all_equal(jax.tree.map(jax.typeof, state0),
+                                       jax.tree.map(jax.typeof, state1))
     state2 = jax.jit(opt.init)(params)
-    test_utils.assert_trees_all_equal(jax.tree.map(jax.typeof, state0),
-                                      jax.tree.map(jax.typeof, state2))
+    tree_checks.assert_trees_all_equal(jax.tree.map(jax.typeof, state0),
+                                       jax.tree.map(jax.typeof, state2))
     _, state3 = jax.jit(opt.update)(params, state0, params)
-    test_utils.assert_trees_all_equal(jax.tree.map(jax.typeof, state1),
-                                      jax.tree.map(jax.typeof, state3))
+    tree_checks.assert_trees_all_equal(jax.tree.map(jax.typeof, state1),
+                                       jax.tree.map(jax.typeof, state3))
 
 
 @pytest.mark.parametrize('case', CASES, ids=ids)

@@ -46,6 +46,7 @@ def run_train_script(workdir, *flags):
   return script('train.py')['main'](args + list(flags))
 
 
+@pytest.mark.slow  # long run: trains, checkpoints, resumes
 def test_train_six_steps_equals_three_checkpoint_resume_three(tmp_path,
                                                                capsys):
   """scripts/train.py: straight vs --stop_after=3 then --resume (bitwise)."""
@@ -83,6 +84,7 @@ def test_train_six_steps_equals_three_checkpoint_resume_three(tmp_path,
   assert '"final_eval_loss"' in printed
 
 
+@pytest.mark.slow  # long run: trains and resumes
 def test_resume_restores_batchnorm_state_and_image_position(tmp_path):
   path = os.path.join(ROOT, 'configs', 'demo_mnist.py')
   overrides = [('data.name', 'digits'), ('data.image_size', '8'),
@@ -106,6 +108,7 @@ def test_resume_restores_batchnorm_state_and_image_position(tmp_path):
   assert 0.0 <= straight['final_eval_accuracy'] <= 1.0
 
 
+@pytest.mark.slow  # long run: the demo, several optimizers
 def test_demo_runs_a_short_comparison(tmp_path, capsys):
   pytest.importorskip('matplotlib')
   workdir = str(tmp_path / 'demo')
@@ -137,6 +140,7 @@ def test_demo_rejects_unknown_optimizer(capsys):
   assert "Unknown optimizer 'hfax'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # long run: a Jupyter kernel runs the notebook
 def test_notebook_executes():
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')

@@ -44,6 +44,7 @@ class MLP(nn.Module):
     return nn.Dense(2)(x)
 
 
+@pytest.mark.slow  # long run: trains with every named optimizer
 def test_train_state_with_every_named_optimizer():
   model = MLP()
   x, y = _data()
@@ -194,6 +195,7 @@ def _nnx_train(pairs, x, y):
   return first, last
 
 
+@pytest.mark.slow  # long run: trains with every named optimizer
 def test_nnx_optimizer_with_every_named_optimizer():
   x, y = _data()
   pairs = {}

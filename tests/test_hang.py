@@ -216,17 +216,20 @@ def test_generic_groups_cover_every_named_optimizer():
   assert sorted(listed) == sorted(optax_fac.NAMED_OPTIMIZERS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('group', GENERIC_GROUPS)  # heaviest first
 def test_generic_random_gradients(group):
   names = _generic_group(group)
   _check(_jobs('pmap', 'random', names) + _jobs('mesh', 'random', names))
 
 
+@pytest.mark.slow
 def test_reported_pmap_adadiag_pp_stacked_and_unstacked():
   _check(_jobs('pmap', 'rank1', ['adadiag_pp'])
          + _jobs('pmap', 'rank1', ['adadiag_pp'], stack_leaves=False))
 
 
+@pytest.mark.slow
 def test_reported_mesh_adadiag_pp():
   _check(_jobs('mesh', 'rank1', ['adadiag_pp']))
 

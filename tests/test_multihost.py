@@ -108,6 +108,7 @@ class Launch:
     return [log.read_text() for log in self.logs]
 
 
+@pytest.mark.slow
 def test_two_processes_train_to_identical_params(tmp_path):
   names = OPTIMIZERS
   port = _free_port()
@@ -157,6 +158,7 @@ def _params(path):
           {k: v for k, v in arrays.items() if k.startswith('__')})
 
 
+@pytest.mark.slow
 def test_train_script_distributed_two_processes(tmp_path):
   pytest.importorskip('flax')
   pytest.importorskip('ml_collections')

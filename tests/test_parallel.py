@@ -242,6 +242,7 @@ def test_unknown_view_raises_instead_of_guessing():
 # One step on one device == pmap == jit over a data mesh == 2-D sharded.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_parallel_equivalence(family):
   names = FAMILIES[family]
@@ -257,6 +258,7 @@ def test_parallel_equivalence(family):
       for r in failures)
 
 
+@pytest.mark.slow
 def test_refreshed_basis_is_identical_on_every_device():
   """A basis refreshed from sharded gradients: one basis, on all devices."""
   if not hasattr(optax_fac, 'adadiag_pp'):

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optax._src import test_utils
 
 import optax_fac
 import reference_numpy as ref
 import test_bases
+import tree_checks
 from optax_fac import rotation
 
 # --------------------------------------------------------------------------
@@ -151,6 +151,7 @@ def test_matches_float64_numpy_transcription(sides, basis, carry, max_dim,
                                  err_msg=f'step {t + 1}, leaf {k}')
 
 
+@pytest.mark.slow  # op by op in float64: ~20 s of compiling on 2 cores
 def test_two_sided_first_step_is_polar_factor_float64():
   rng = np.random.default_rng(3)
   with jax.enable_x64(True):
@@ -187,8 +188,8 @@ def test_eigh_and_svd_bases_give_the_same_updates(sides):
     tx = optax_fac.svd_rotation(optax.scale_by_adam(), sides=sides, every=3,
                                 basis=basis, precision='highest')
     outs[basis], _ = _run_jax(tx, grads)
-  test_utils.assert_trees_all_close(outs['eigh'], outs['svd'], rtol=1e-4,
-                                    atol=1e-4)
+  tree_checks.assert_trees_all_close(outs['eigh'], outs['svd'], rtol=1e-4,
+                                     atol=1e-4)
 
 
 # --------------------------------------------------------------------------
@@ -253,6 +254,7 @@ def test_identity_basis_equals_base_optimizer(name, rotated, base):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # op by op and jitted: ~10 s a case on 2 cores
 @pytest.mark.parametrize('inner', [
     optax.scale_by_adam, optax.scale_by_lion,
     lambda: optax_fac.scale_by_factored_rms(b1=0.9),
@@ -263,10 +265,10 @@ def test_any_shape_preserving_inner_works(inner):
                                            precision='highest'), params, 3,
                     jit=False)
   want = _trajectory(inner(), params, 3, jit=False)
-  test_utils.assert_trees_all_equal(got, want)
+  tree_checks.assert_trees_all_equal(got, want)
   # And with a real basis: finite, and non-matrix leaves are not rotated.
   tx = optax_fac.svd_rotation(inner(), sides='two', every=2)
-  test_utils.assert_tree_all_finite(_trajectory(tx, params, 3))
+  tree_checks.assert_tree_all_finite(_trajectory(tx, params, 3))
   grads = jax.tree.map(lambda p: jnp.cos(p), params)
   got, _ = jax.jit(tx.update)(grads, tx.init(params))
   want, _ = jax.jit(inner().update)(grads, inner().init(params))
@@ -404,7 +406,7 @@ def test_multisteps_decomposes_only_on_refresh_real_steps(monkeypatch):
     pu, plain_state = plain_update(mean, plain_state, params)
     jax.effects_barrier()
     assert len(calls) - before == (1 if refresh else 0)
-    test_utils.assert_trees_all_close(u, pu, rtol=1e-4, atol=1e-6)
+    tree_checks.assert_trees_all_close(u, pu, rtol=1e-4, atol=1e-6)
 
 
 def test_carry_rotate_needs_a_first_moment():

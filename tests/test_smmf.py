@@ -448,6 +448,7 @@ def _stack_problem(steps=5, seed=7):
   return params, grads
 
 
+@pytest.mark.slow  # ~7 s a case on 2 cores (compiling)
 @pytest.mark.parametrize('name', list(STACK_CONFIGS))
 def test_stacked_matches_unstacked(name):
   kwargs = STACK_CONFIGS[name]

@@ -44,6 +44,7 @@ def _run(tx, steps=4):
   return params, state
 
 
+@pytest.mark.slow  # compile-bound: ~30 s in all on 2 cores
 @pytest.mark.parametrize('name', NAMED)
 def test_stacked_equals_per_leaf(name):
   kwargs = dict(learning_rate=1e-2, weight_decay=0.1, views=VIEWS)
@@ -77,6 +78,7 @@ def test_groups_and_stacked_state_layout():
   assert state.inner.col[key_stack].shape == (1, 2, 4)
 
 
+@pytest.mark.slow  # op by op: ~17 s of compiling on 2 cores
 def test_same_as_raw_transform_op_by_op():
   """Eager, one step: the stacked transform is the per-leaf one exactly."""
   raw = optax_fac.scale_by_factored_rms(b1=0.9, clipping_threshold=1.0,
