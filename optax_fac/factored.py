@@ -13,7 +13,6 @@ References:
   Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025 (App. A.2).
 """
 
-from __future__ import annotations
 
 import math
 from typing import Any, NamedTuple, Optional

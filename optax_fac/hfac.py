@@ -11,7 +11,6 @@ References:
   AISTATS 2025.
 """
 
-from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
