@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_fac import _common
@@ -210,19 +211,33 @@ def checked(tx: optax.GradientTransformationExtraArgs, *,
 # The named optimizer.
 
 
+StackLeaves = Union[bool, int]
+
+
 def matrix_method(make: Callable[[matrix.ViewSpec], optax.GradientTransformation],
-                  views: matrix.ViewSpec = None, stack_leaves: bool = True,
+                  views: matrix.ViewSpec = None, stack_leaves: StackLeaves = True,
                   **stack_kwargs) -> optax.GradientTransformation:
   """``make(views)``, run on same-shape leaves stacked if ``stack_leaves``.
 
   Stacking (:func:`optax_fac.stack_leaves`, which gets ``stack_kwargs``)
   changes the state layout (one stacked statistic per group of equal-shape
   leaves), not the updates; it makes a step launch a few kernels per group
-  instead of per leaf.
+  instead of per leaf. ``stack_leaves``: True (groups of at most
+  ``stacking.DEFAULT_MAX_GROUP_BYTES``), False (leaf by leaf) or an int
+  (groups of at most that many bytes).
+
+  Raises:
+    ValueError: if ``stack_leaves`` is neither a bool nor a positive int.
   """
-  if stack_leaves:
-    return stacking.stack_leaves(make, views=views, **stack_kwargs)
-  return make(views)
+  if isinstance(stack_leaves, (bool, np.bool_)):
+    if not stack_leaves:
+      return make(views)
+  elif isinstance(stack_leaves, (int, np.integer)) and stack_leaves > 0:
+    stack_kwargs = dict(stack_kwargs, max_group_bytes=int(stack_leaves))
+  else:
+    raise ValueError('stack_leaves must be True, False or a positive int '
+                     f'(the bytes of a stacked group), got {stack_leaves!r}.')
+  return stacking.stack_leaves(make, views=views, **stack_kwargs)
 
 
 def named_optimizer(

@@ -299,7 +299,7 @@ def adafactor_momentum(
     method_mask: compose.MaskOrFn = None,
     views: matrix.ViewSpec = None,
     fallback_eps: float = 1e-8,
-    stack_leaves: bool = True,
+    stack_leaves: compose.StackLeaves = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Factored second moment with optional momentum (docs/algorithms.md §1).
 
@@ -321,7 +321,10 @@ def adafactor_momentum(
       every ndim >= 2 leaf).
     views: matrix views per leaf (:class:`optax_fac.MatrixView`).
     fallback_eps: Adam's ε on the non-matrix leaves.
-    stack_leaves: one stacked statistic per group of same-shape leaves.
+    stack_leaves: True: same-shape leaves stacked in groups of at most
+      64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
+      kernels); an int: groups of at most that many bytes; False: leaf
+      by leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (Adafactor-style).

@@ -221,7 +221,7 @@ def hfac(
     method_mask: compose.MaskOrFn = None,
     views: matrix.ViewSpec = None,
     fallback_eps: float = 1e-8,
-    stack_leaves: bool = True,
+    stack_leaves: compose.StackLeaves = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""H-Fac (docs/algorithms.md §2.1): factored momentum and second moment.
 
@@ -245,8 +245,10 @@ def hfac(
     views: per-leaf :class:`optax_fac.MatrixView` (tree, one view, or a
       function of the params) for leaves whose rows are not ``shape[:-1]``.
     fallback_eps: Adam's ε on the fallback leaves.
-    stack_leaves: same-shape leaves share one stacked statistic per group
-      (:func:`optax_fac.stack_leaves`): same updates, fewer kernels.
+    stack_leaves: True: same-shape leaves stacked in groups of at most
+      64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
+      kernels); an int: groups of at most that many bytes; False: leaf
+      by leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is a few vectors
@@ -286,7 +288,7 @@ def sign_fsgd(
     views: matrix.ViewSpec = None,
     fallback_b2: float = 0.999,
     fallback_eps: float = 1e-8,
-    stack_leaves: bool = True,
+    stack_leaves: compose.StackLeaves = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""signFSGD (docs/algorithms.md §2.2): sign descent with factored momentum.
 
@@ -305,7 +307,10 @@ def sign_fsgd(
     views: :class:`optax_fac.MatrixView` overrides (tree, view, function).
     fallback_b2, fallback_eps: Adam's β2 in [0, 1) and ε >= 0 on the
       fallback leaves.
-    stack_leaves: run on same-shape leaves stacked per group.
+    stack_leaves: True: same-shape leaves stacked in groups of at most
+      64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
+      kernels); an int: groups of at most that many bytes; False: leaf
+      by leaf.
 
   Returns:
     The signFSGD ``optax.GradientTransformationExtraArgs``.
@@ -344,7 +349,7 @@ def lion_factor(
     views: matrix.ViewSpec = None,
     fallback_b2: float = 0.999,
     fallback_eps: float = 1e-8,
-    stack_leaves: bool = True,
+    stack_leaves: compose.StackLeaves = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LionFactor (docs/algorithms.md §2.3): Lion's two βs, factored momentum.
 
@@ -364,7 +369,10 @@ def lion_factor(
       ndim >= 2 leaves).
     views: matrix views of leaves (see :class:`optax_fac.MatrixView`).
     fallback_b2, fallback_eps: β2 and ε of the Adam fallback.
-    stack_leaves: stack same-shape leaves (same updates, fewer kernels).
+    stack_leaves: True: same-shape leaves stacked in groups of at most
+      64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
+      kernels); an int: groups of at most that many bytes; False: leaf
+      by leaf.
 
   Returns:
     The LionFactor optimizer, an ``optax.GradientTransformationExtraArgs``.

@@ -763,7 +763,7 @@ def adadiag(
     carry: str = 'keep',
     views: matrix.ViewSpec = None,
     precision: Any = None,
-    stack_leaves: bool = True,
+    stack_leaves: compose.StackLeaves = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaDiag: Adam in the gradient's singular basis (docs/algorithms.md §3).
 
@@ -797,7 +797,10 @@ def adadiag(
     views: :class:`optax_fac.MatrixView` overrides (tree, view, function).
     precision: ``jax.lax.Precision`` of the rotation matmuls (None = the
       backend default; see :func:`svd_rotation`).
-    stack_leaves: rotate same-shape leaves as one stacked batch.
+    stack_leaves: True: same-shape leaves stacked in groups of at most
+      64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
+      kernels); an int: groups of at most that many bytes; False: leaf
+      by leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -854,7 +857,7 @@ def adafac_diag(
     views: matrix.ViewSpec = None,
     precision: Any = None,
     fallback_eps: float = 1e-8,
-    stack_leaves: bool = True,
+    stack_leaves: compose.StackLeaves = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdafacDiag: the factored second moment in the singular basis (§3).
 
@@ -885,7 +888,10 @@ def adafac_diag(
     views: per-leaf :class:`optax_fac.MatrixView`.
     precision: precision of the rotation matmuls.
     fallback_eps: Adam's ε on the non-matrix leaves.
-    stack_leaves: stack same-shape leaves into one batch.
+    stack_leaves: True: same-shape leaves stacked in groups of at most
+      64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
+      kernels); an int: groups of at most that many bytes; False: leaf
+      by leaf.
 
   Returns:
     The AdafacDiag ``optax.GradientTransformationExtraArgs``.
@@ -942,7 +948,7 @@ def hfac_diag(
     views: matrix.ViewSpec = None,
     precision: Any = None,
     fallback_eps: float = 1e-8,
-    stack_leaves: bool = True,
+    stack_leaves: compose.StackLeaves = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HfacDiag: H-Fac in the one-sided singular basis (docs/algorithms.md §3).
 
@@ -967,7 +973,10 @@ def hfac_diag(
     views: leaf views (:class:`optax_fac.MatrixView`).
     precision: rotation matmul precision.
     fallback_eps: ε of the Adam fallback.
-    stack_leaves: group same-shape leaves.
+    stack_leaves: True: same-shape leaves stacked in groups of at most
+      64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
+      kernels); an int: groups of at most that many bytes; False: leaf
+      by leaf.
 
   Returns:
     HfacDiag as an ``optax.GradientTransformationExtraArgs``.

@@ -567,7 +567,7 @@ def smmf(
     method_mask: compose.MaskOrFn = None,
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
-    stack_leaves: bool = True,
+    stack_leaves: compose.StackLeaves = True,
     fused_kernel: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SMMF (docs/algorithms.md §4): square-matricized factored Adam moments.
@@ -612,8 +612,9 @@ def smmf(
       array per group (:func:`optax_fac.stack_leaves`): each member is still
       square-matricized on its own (the stacking axis is a batch axis), so the
       updates and the state's total size are unchanged, but the state is
-      stacked per group and a step launches a few kernels per group instead
-      of per leaf. False keeps one :class:`SMMFState` entry per leaf.
+      stacked per group (groups of at most 64 MiB of gradients; an int: of
+      at most that many bytes) and a step launches a few kernels per group
+      instead of per leaf. False keeps one :class:`SMMFState` entry per leaf.
     fused_kernel: on NVIDIA GPUs, one Pallas kernel pass over the leaves
       whose square view can be tiled (see :func:`scale_by_smmf`); the gradients
       are then read in place, not stacked.

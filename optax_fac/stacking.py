@@ -12,9 +12,14 @@ leaves with equal shape, dtype and :class:`~optax_fac.MatrixView`: the group's
 gradients stacked along a new leading **batch** axis of the view. Its state is
 kept stacked (one row statistic of shape ``(L, m)`` instead of L of shape
 ``(m,)``), so a step launches a few kernels per group instead of per leaf.
-Stacking the gradients costs nothing: XLA fuses the concatenation into the
-reductions that read it, and the per-leaf updates are slices that fuse into
-each leaf's final elementwise pass (measured in ``results/bench_step/``).
+XLA usually fuses the concatenation into the reductions that read it, and the
+per-leaf updates are slices that fuse into each leaf's final elementwise pass
+(``results/bench_step/``, LLaMA-130M). Not always: on the LLaMA-1B tree it
+kept a stacked copy of the 96 attention gradients of 2048 x 2048 (1.5 GiB, 30%
+of the params), and the step was slower than leaf by leaf. So same-shape
+leaves are split into groups of at most ``max_group_bytes`` (64 MiB by
+default), which bounds any such copy and keeps each group's kernels large
+(README.md, "At 1B parameters on an H200").
 
 The mathematics is unchanged: every method of the library treats the batch
 axes of a view independently, so the stacked transform gives the per-leaf
@@ -33,7 +38,9 @@ sharded differently, e.g. column- and row-parallel layers of one shape).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -96,9 +103,49 @@ def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def group_leaves(tree: Any, views: matrix.ViewSpec = None
+def split_members(members: list[int], leaf_bytes: int,
+                  max_group_bytes: Optional[int]) -> list[list[int]]:
+  """Splits one key's members into groups of at most ``max_group_bytes``.
+
+  Args:
+    members: flat leaf indices of equal shape, dtype and view, in order.
+    leaf_bytes: bytes of one member (>= 0).
+    max_group_bytes: the cap (None: one group); a group always has at
+      least one member, so a leaf larger than the cap is a group alone.
+
+  Returns:
+    Consecutive runs of ``members``, as few as the cap allows and of equal
+    sizes (they differ by at most one member), so that the groups share few
+    stacked shapes (and compiled kernels).
+
+  Examples:
+    >>> split_members(list(range(10)), 4, 16)  # at most 4 a group
+    [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+  """
+  if max_group_bytes is None or leaf_bytes * len(members) <= max_group_bytes:
+    return [list(members)]
+  per_group = max(1, max_group_bytes // max(leaf_bytes, 1))
+  count = -(-len(members) // per_group)
+  size, extra = divmod(len(members), count)
+  out, start = [], 0
+  for g in range(count):
+    stop = start + size + (g < extra)
+    out.append(list(members[start:stop]))
+    start = stop
+  return out
+
+
+def group_leaves(tree: Any, views: matrix.ViewSpec = None,
+                 max_group_bytes: Optional[int] = None
                  ) -> tuple[Groups, list]:
   """Groups the leaves of ``tree`` by (shape, dtype, view[, sharding]).
+
+  Args:
+    tree: the parameters or updates (arrays or ``jax.ShapeDtypeStruct``;
+      ``optax.MaskedNode`` and None leaves are never grouped).
+    views: their matrix views.
+    max_group_bytes: cap on a group's stacked bytes (see
+      :func:`split_members`; None: no cap).
 
   Returns:
     (groups, flat leaves); views are resolved as the raw transforms do
@@ -116,10 +163,13 @@ def group_leaves(tree: Any, views: matrix.ViewSpec = None
            matrix.sharding_spec(x) if explicit else None)
     index.setdefault(key, []).append(i)
   keys, members, group_views = [], [], []
-  for g, ((shape, dtype, view, _), idx) in enumerate(index.items()):
-    keys.append(f"g{g:03d}_{'x'.join(map(str, shape)) or 'scalar'}_{dtype}")
-    members.append(tuple(idx))
-    group_views.append(view)
+  for (shape, dtype, view, _), idx in index.items():
+    leaf_bytes = math.prod(shape) * jnp.dtype(dtype).itemsize
+    for part in split_members(idx, leaf_bytes, max_group_bytes):
+      keys.append(f"g{len(keys):03d}_{'x'.join(map(str, shape)) or 'scalar'}"
+                  f'_{dtype}')
+      members.append(tuple(part))
+      group_views.append(view)
   groups = Groups(tuple(keys), tuple(members), tuple(group_views), len(leaves))
   return groups, leaves
 
@@ -174,11 +224,21 @@ def stacked_views(groups: Groups) -> dict:
   return {k: v.stacked() for k, v in zip(groups.keys, groups.views)}
 
 
+# [decided] 64 MiB: a group's kernels then move tens of MiB each, far past
+# a launch's cost (a few microseconds at the 4.8 TB/s of an H200), while a
+# copy of the group that XLA may keep (it did for 96 stacked 2048 x 2048
+# gradients of LLaMA-1B: 1.5 GiB, 30% of the params) stays small beside the
+# params of any model where launches matter. Measured in README.md
+# ("At 1B parameters on an H200").
+DEFAULT_MAX_GROUP_BYTES = 64 * 2**20
+
+
 def stack_leaves(
     make_inner: Callable[[Any], optax.GradientTransformation],
     *,
     views: matrix.ViewSpec = None,
     update_members: Optional[Callable[[Any], Callable[..., Any]]] = None,
+    max_group_bytes: Optional[int] = DEFAULT_MAX_GROUP_BYTES,
 ) -> optax.GradientTransformationExtraArgs:
   """Runs a transform on same-shape leaves stacked along a batch axis.
 
@@ -199,6 +259,10 @@ def stack_leaves(
       ``make_inner(views)`` on the stacked tree; it is called instead of
       stacking the gradients (SMMF's GPU kernel, which would otherwise read a
       stacked copy of G).
+    max_group_bytes: same-shape leaves are split into groups of at most this
+      many bytes of gradients (a larger leaf is a group alone), which bounds
+      the memory of a stacked copy; None: one group per shape. Default
+      64 MiB. Structural: it decides the state's layout.
 
   Returns:
     A transform with the wrapped transform's updates (per leaf, in the
@@ -215,6 +279,12 @@ def stack_leaves(
   """
 
   make_inner(views)  # built once now so bad hyperparameters raise here
+  if max_group_bytes is not None:
+    max_group_bytes = _common.structural_int(
+        'max_group_bytes', max_group_bytes, DEFAULT_MAX_GROUP_BYTES,
+        where='stack_leaves: ')
+  group = functools.partial(group_leaves, views=views,
+                            max_group_bytes=max_group_bytes)
 
   def inner_for(groups):
     stacked = stacked_views(groups)
@@ -224,12 +294,12 @@ def stack_leaves(
     if _common.is_params_placeholder(params):
       # optax.tree_map_params: the stacked state is not a copy of the params.
       return _common.NOT_PARAMS
-    groups, leaves = group_leaves(params, views)
+    groups, leaves = group(params)
     inner = inner_for(groups)
     return StackedState(inner.init(stack(groups, leaves)), groups)
 
   def update_fn(updates, state, params=None, **extra_args):
-    groups, leaves = group_leaves(updates, views)
+    groups, leaves = group(updates)
     if groups != state.groups:
       raise ValueError(_mismatch_message(updates, groups, state.groups))
     if update_members is not None:

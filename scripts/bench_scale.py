@@ -465,6 +465,14 @@ def run_worker(args):
         params, state, grads, every_normal).compile()
     rec['compile_step_s'] = time.perf_counter() - t0
     rec.update(_xla_numbers(compiled))
+    memc = _mem()
+    if mem0 and memc:
+      # The high-water mark through compilation (XLA's autotuning runs
+      # candidate kernels on scratch buffers of its own), before any step:
+      # a transient_bytes equal to it and above xla_temp_bytes was set while
+      # compiling, not by the step.
+      rec['transient_compile_bytes'] = (memc['peak_bytes_in_use']
+                                        - mem0['bytes_in_use'])
 
     rec['phase'] = 'steps'
     emit()

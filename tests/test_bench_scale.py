@@ -154,3 +154,46 @@ def test_merge_keeps_better_rows_and_ratios(tmp_path):
   assert rows['smmf']['run_id'] == 'b'
   assert rows['smmf']['device_vs_adamw'] == 0.5
   assert rows['lion']['status'] == 'skipped'  # nothing better to keep
+
+
+def test_xla_memory_names_the_temp_buffers(tmp_path):
+  """scripts/xla_memory.py on the tiny tree: one JSON line per spec with the
+  compiled step's temp bytes and its largest temp values (from XLA's buffer
+  assignment dump), stacked and leaf by leaf."""
+  out = tmp_path / 'mem.jsonl'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'scripts' / 'xla_memory.py'),
+       '--model=tiny', f'--out={out}', f'--dump={tmp_path / "dump"}',
+       'hfac', 'hfac:stack_leaves=False'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['optimizer'] for r in rows] == ['hfac', 'hfac:stack_leaves=False']
+  for r in rows:
+    assert 'error' not in r, r.get('error')
+    assert r['param_bytes'] == 4 * bench_scale.n_params('tiny')
+    assert r['temp_bytes'] > 0 and r['kernels'] > 0
+    values = r['largest_temp_values']
+    assert values and all(v['bytes'] > 0 and v['instruction']
+                          for v in values)
+    sizes = [v['bytes'] for v in values]
+    assert sizes == sorted(sizes, reverse=True)
+    assert r['assigned_temp_bytes'] >= sizes[0]
+  assert not any((tmp_path / 'dump').iterdir())  # dumps removed by default
+
+
+def test_temp_values_parses_a_buffer_assignment():
+  import xla_memory  # pylint: disable=import-outside-toplevel
+  text = '\n'.join([
+      'allocation 0: size 64, parameter 0, shape |f32[4,4]| at ShapeIndex {}:',
+      ' value: <1 p0 @0> (size=64,offset=0): f32[4,4]{1,0}',
+      'allocation 1: size 96, preallocated-temp:',
+      ' value: <7 fusion.3 @0> (size=32,offset=0): f32[8]{0}',
+      ' value: <9 concatenate_fusion @0> (size=64,offset=32): f32[2,8]{1,0}',
+  ])
+  total, values = xla_memory.temp_values(text, top=5)
+  assert total == 96
+  assert values == [('concatenate_fusion', 64, 32, 'f32[2,8]{1,0}'),
+                    ('fusion.3', 32, 0, 'f32[8]{0}')]

@@ -78,6 +78,46 @@ def test_groups_and_stacked_state_layout():
   assert state.inner.col[key_stack].shape == (1, 2, 4)
 
 
+def test_group_cap_splits_groups_and_keeps_updates():
+  """stack_leaves=<bytes>: a, b, c (96 bytes each) in groups of <= 200
+  bytes are [a, b] and [c]; the updates are the per-leaf ones."""
+  kwargs = dict(learning_rate=1e-2, weight_decay=0.1, views=VIEWS)
+  capped, c_state = _run(optax_fac.hfac(**kwargs, stack_leaves=200), steps=3)
+  per_leaf, _ = _run(optax_fac.hfac(**kwargs, stack_leaves=False), steps=3)
+  for k in PARAMS:
+    np.testing.assert_allclose(capped[k], per_leaf[k], rtol=2e-6, atol=1e-7,
+                               err_msg=k)
+  stacked = [s for s in jax.tree.leaves(
+      c_state, is_leaf=lambda x: isinstance(x, stacking.StackedState))
+             if isinstance(s, stacking.StackedState)][0]
+  names = sorted(PARAMS)
+  members = [tuple(names[i] for i in idx) for idx in stacked.groups.members]
+  assert ('a', 'b') in members and ('c',) in members
+  # The default cap (64 MiB) keeps them in one group.
+  groups, _ = stacking.group_leaves(PARAMS, VIEWS,
+                                    stacking.DEFAULT_MAX_GROUP_BYTES)
+  assert (0, 1, 3) in groups.members   # a, b, c (flat order: a, b, bias, c)
+  specs = optax_fac.state_partition_specs(
+      optax_fac.hfac(**kwargs, stack_leaves=200), PARAMS)
+  assert jax.tree.structure(specs) == jax.tree.structure(c_state)
+
+
+@pytest.mark.parametrize('bad', [0, -3, 1.5, 'yes'])
+def test_bad_stack_leaves_is_named(bad):
+  with pytest.raises(ValueError, match='stack_leaves'):
+    optax_fac.hfac(1e-3, stack_leaves=bad)
+
+
+def test_split_members_sizes():
+  assert stacking.split_members([7], 10**9, 64) == [[7]]  # larger: alone
+  assert stacking.split_members([1, 2, 3], 4, None) == [[1, 2, 3]]
+  parts = stacking.split_members(list(range(96)), 16 * 2**20, 64 * 2**20)
+  assert [len(p) for p in parts] == [4] * 24
+  parts = stacking.split_members(list(range(48)), 3, 84)   # 28 a group
+  assert [len(p) for p in parts] == [24, 24]
+  assert sum(parts, []) == list(range(48))
+
+
 @pytest.mark.slow  # op by op: ~17 s of compiling on 2 cores
 def test_same_as_raw_transform_op_by_op():
   """Eager, one step: the stacked transform is the per-leaf one exactly."""
