@@ -2,12 +2,16 @@
 #   make demo      -- set up .venv and run the small real training comparison
 #   make test      -- set up .venv and run the whole test suite (what CI runs)
 #   make test-fast -- the same without the tests marked slow (the quick loop)
+#   make docs      -- install the docs extra and build the site (docs/_build/html)
+#   make docs-check -- build it, then check its links and pages in headless Chromium
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
+DOCS_OUT := docs/_build/html
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench clean docs docs-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +29,22 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow" tests
+
+# The docs extra on top of the test environment (its own stamp: make test
+# does not install it).
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+# A fresh build each time, warnings as errors (-W), every reference checked (-n).
+docs: $(DOCS_STAMP)
+	rm -rf $(DOCS_OUT) docs/_autosummary
+	$(PY) -m sphinx -b html -W --keep-going -n -q docs $(DOCS_OUT)
+	@echo "site: $(DOCS_OUT)/index.html"
+
+# Needs Debian's chromium (apt-get install -y chromium chromium-driver).
+docs-check: docs
+	$(PY) scripts/check_docs_site.py --site=$(DOCS_OUT) --out=docs/_build/site_check
 
 clean:
 	rm -rf $(VENV) results/demo
