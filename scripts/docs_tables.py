@@ -31,6 +31,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -305,12 +306,23 @@ def block(name, text):
   return f'<!-- begin {name} -->\n{text}\n<!-- end {name} -->\n'
 
 
+HEADER = ('<!-- Written by scripts/docs_tables.py with {versions}; do not edit '
+          'by hand. -->\n')
+
+
+def library_versions() -> str:
+  """The versions the state sizes depend on (optax's own states, flax's
+  model trees), as written in the file's first line."""
+  import flax  # pylint: disable=import-outside-toplevel
+  return f'jax {jax.__version__}, optax {optax.__version__}, flax {flax.__version__}'
+
+
 def render():
   trees = {title: abstract_params(section, example)
            for title, section, example in MODELS}
   defaults, recipe, excluded = state_tables(trees)
   bench, context, notes = bench_table()
-  parts = ['<!-- Written by scripts/docs_tables.py; do not edit by hand. -->\n',
+  parts = [HEADER.format(versions=library_versions()),
            block('state-defaults', defaults),
            block('state-recipe', recipe),
            block('recipe-exclude', excluded),

@@ -41,6 +41,12 @@ def test_generated_tables_are_current():
   tables = load(os.path.join('scripts', 'docs_tables.py'))
   with open(tables.OUT, encoding='utf-8') as f:
     committed = f.read()
+  # optax's own states (adamw, adafactor, muon) and flax's model trees are
+  # in the tables: compare only with the library versions they were made with.
+  versions = tables.library_versions()
+  if versions not in committed.splitlines()[0]:
+    pytest.skip(f'the tables were made with other library versions than '
+                f'{versions}: {committed.splitlines()[0]}')
   assert committed == tables.render(), (
       'docs/_generated/tables.md is stale: run python scripts/docs_tables.py')
 
