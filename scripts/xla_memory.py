@@ -71,6 +71,9 @@ def worker(model: str, dtype: str, spec: str):
   import optax  # pylint: disable=import-outside-toplevel
   import bench_scale  # pylint: disable=import-outside-toplevel
 
+  # A program from the persistent compilation cache is not compiled, so XLA
+  # would write no buffer assignment to read.
+  jax.config.update('jax_enable_compilation_cache', False)
   shapes = bench_scale.tree_shapes(model)
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(
       x, tuple))
