@@ -4,7 +4,7 @@ The demo comparison at the papers' smallest model size: d 512, ffn 1376, 8
 layers, 8 heads (docs/algorithms.md §6), bfloat16 compute, sequences of
 256 bytes, batch 64, 500 steps (≈ 2 passes over the 4.9 MB of training text),
 warmup 10% + cosine to 10%, embedding and LM head kept on Adam. With byte
-tokens (vocab 256) the model has 25.4 M parameters (58.1 M with a 32000
+tokens (vocab 256) the model has 25.6 M parameters (58.1 M with a 32000
 vocabulary: the embedding and head make the difference).
 
     python scripts/demo.py --config=configs/shakespeare_llama_60m.py \\

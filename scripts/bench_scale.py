@@ -94,7 +94,7 @@ programs and XLA's autotuning results, which should shorten the compiles
         --max_seconds=530 --skip_done --out=results/bench_scale
     # the markdown table of a result file (for the README)
     python scripts/bench_scale.py \\
-        --table=results/bench_scale/bench_scale_nvidia_h200.json
+        --table=results/bench_scale/llama1b_float32_call5.json
 
 Models: GaLore's LLaMA configs (d_model, ffn, layers, vocab): llama60m,
 llama130m (768, 2048, 12), llama350m (1024, 2736, 24), llama1b (2048, 5461,
