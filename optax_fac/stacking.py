@@ -224,12 +224,12 @@ def stacked_views(groups: Groups) -> dict:
   return {k: v.stacked() for k, v in zip(groups.keys, groups.views)}
 
 
-# [decided] 64 MiB: a group's kernels then move tens of MiB each, far past
-# a launch's cost (a few microseconds at the 4.8 TB/s of an H200), while a
-# copy of the group that XLA may keep (it did for 96 stacked 2048 x 2048
-# gradients of LLaMA-1B: 1.5 GiB, 30% of the params) stays small beside the
-# params of any model where launches matter. Measured in README.md
-# ("At 1B parameters on an H200").
+# [decided] 64 MiB: a group's kernels then move tens of MiB each, far past a
+# launch's cost (a few microseconds at the ~3.9 TB/s adamw reaches on an
+# H200), while a copy of the group that XLA may keep (it did for 96 stacked
+# 2048 x 2048 gradients of LLaMA-1B: 1.5 GiB, 30% of the params) stays small
+# beside the params of any model where launches matter. Measured against
+# leaf by leaf and uncapped in README.md ("At 1B parameters on an H200").
 DEFAULT_MAX_GROUP_BYTES = 64 * 2**20
 
 

@@ -74,11 +74,9 @@ def worker(model: str, dtype: str, spec: str):
   # A program from the persistent compilation cache is not compiled, so XLA
   # would write no buffer assignment to read.
   jax.config.update('jax_enable_compilation_cache', False)
-  shapes = bench_scale.tree_shapes(model)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(
-      x, tuple))
-  params = jax.tree.unflatten(
-      treedef, [jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for s in leaves])
+  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)),
+                        bench_scale.tree_shapes(model),
+                        is_leaf=lambda x: isinstance(x, tuple))
   tx = bench_scale.build(spec, 1e-3)
   state = jax.eval_shape(tx.init, params)
 
