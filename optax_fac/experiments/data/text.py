@@ -10,6 +10,7 @@ permutation per epoch, so the batch at step ``s`` is a pure function of
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import os
 import sysconfig
@@ -154,6 +155,51 @@ def stdlib_split(max_bytes: int = 8_000_000, every: int = 20):
     if total >= max_bytes:
       break
   return train, valid
+
+
+def python_source_split(max_bytes: int, every: int = 20,
+                        site_packages: bool = True):
+  """Source text of the running Python's stdlib and installed packages.
+
+  The ``.py`` files of the standard library (its ``site-packages`` left
+  out), then, with ``site_packages``, those of the environment's
+  ``site-packages`` (``sysconfig``'s purelib and platlib), each root in
+  sorted path order; a file whose text is byte-identical to an earlier one
+  (vendored copies) is skipped, so no text is both in training and
+  validation. Every ``every``-th kept file is held out; reading stops once
+  ``max_bytes`` characters are kept. Deterministic for a given Python and set
+  of installed packages (record what a run used: the benchmark stores the
+  counts and a digest of the tokens).
+
+  Returns:
+    ``(train texts, validation texts, number of files skipped as copies)``.
+  """
+  paths = sysconfig.get_paths()
+  stdlib = [f for f in sorted(glob.glob(os.path.join(
+      paths['stdlib'], '**', '*.py'), recursive=True))
+            if 'site-packages' not in f and 'dist-packages' not in f]
+  files = list(stdlib)
+  if site_packages:
+    for root in dict.fromkeys((paths['purelib'], paths['platlib'])):
+      files += sorted(glob.glob(os.path.join(root, '**', '*.py'),
+                                recursive=True))
+  seen, train, valid, total, copies = set(), [], [], 0, 0
+  for f in files:
+    try:
+      with open(f, encoding='utf-8') as fh:
+        content = fh.read()
+    except (UnicodeDecodeError, OSError):
+      continue
+    digest = hashlib.sha1(content.encode("utf-8", "replace")).digest()
+    if digest in seen:
+      copies += 1
+      continue
+    seen.add(digest)
+    (valid if len(seen) % every == 1 else train).append(content)
+    total += len(content)
+    if total >= max_bytes:
+      break
+  return train, valid, copies
 
 
 # -- Index-based windows --------------------------------------------------------

@@ -1,0 +1,27 @@
+"""A seconds-long CPU version of configs/compare_sweep.py (tests, smoke runs).
+
+Same pipeline (stdlib source, the 32000-piece SentencePiece model, in-jit
+chunks, sweep, summary), a 2-layer d-64 LLaMA, 1 M characters of text,
+batch 8 x 32 tokens, 20 steps.
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    'compare_sweep', os.path.join(os.path.dirname(__file__),
+                                  'compare_sweep.py'))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+
+def get_config():
+  c = _base.get_config()
+  c.model.update(d_model=64, ffn_dim=172, num_layers=2, num_heads=2,
+                 dtype='float32')
+  c.data.update(max_bytes=1_000_000, seq_len=32, eval_batches=2)
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_train_steps = 20
+  c.eval_every_steps = 10
+  return c
