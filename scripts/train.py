@@ -8,8 +8,10 @@ Any config value can be overridden with --config.<field>=<value> (a typo
 fails with the closest field names). Writes WORKDIR/metrics.jsonl (one JSON
 object per logged step), WORKDIR/summary.json, and orbax checkpoints in
 WORKDIR/checkpoints every config.checkpoint_every_steps; --resume continues
-from the latest checkpoint exactly (same data position and RNG);
---stop_after=N stops early with a checkpoint, as a preempted job would.
+from the latest finished checkpoint exactly (same data position and RNG;
+bitwise on CPU), also after the process was killed during a save; it fails,
+naming what differs, if the checkpoint is of another optimizer or parameter
+tree. --stop_after=N stops early with a checkpoint, as a preempted job would.
 
 Multi-host: run the same command once per process with --distributed
 (``jax.distributed.initialize``; the coordinator, process count and id come

@@ -11,8 +11,13 @@ trains with one jitted step, and writes
   evaluation steps ``eval_loss`` (+ ``eval_accuracy``);
 * ``workdir/checkpoints/<step>`` — orbax checkpoints of params, optimizer
   state, model state, RNG key and the data iterator's position, every
-  ``checkpoint_every_steps``; ``resume=True`` restores the latest one and
-  continues exactly (same batches, same RNG: bitwise-equal on CPU);
+  ``checkpoint_every_steps``; ``resume=True`` restores the latest finished
+  one and continues exactly (same batches, same RNG: bitwise-equal on CPU).
+  A process killed during a save (SIGKILL included) resumes from the last
+  finished checkpoint, losing only the steps since it; a checkpoint of
+  another optimizer or parameter tree fails with
+  :class:`~optax_fac.experiments.checkpoint.CheckpointMismatchError` naming
+  what differs (:mod:`optax_fac.experiments.checkpoint`);
 * ``workdir/summary.json`` — what :func:`summarize` returns.
 
 Multi-host (``scripts/train.py --distributed``, after
@@ -368,8 +373,10 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
   Args:
     config: an experiment config (``configs/*.py``).
     workdir: output directory.
-    resume: restore the latest checkpoint in ``workdir/checkpoints`` and
-      continue from it (fails if there is none).
+    resume: restore the latest finished checkpoint in
+      ``workdir/checkpoints`` and continue from it (fails if there is none,
+      and with ``CheckpointMismatchError`` if it was written by another
+      optimizer or parameter tree).
     progress: show a progress bar.
     desc: progress-bar label (default: the optimizer name).
     stop_after: stop once this many steps are done (a checkpoint is saved
@@ -418,12 +425,16 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
   checkpointer = None
   if ckpt_every or resume:
     checkpointer = ckpt_lib.Checkpointer(
-        ckpt_dir, max_to_keep=_get(config, 'max_checkpoints', 2))
+        ckpt_dir, max_to_keep=_get(config, 'max_checkpoints', 2),
+        optimizer=str(config.optimizer), config=_plain(config))
   start = 0
   if resume:
     state, data_state = checkpointer.restore(state)
     data.train.set_state(data_state)
     start = int(state['step'])
+    if main:
+      print(f'Resuming from step {start} ({os.path.join(ckpt_dir, str(start))})'
+            '.', flush=True)
 
   writer = MetricsWriter(os.path.join(workdir, 'metrics.jsonl'),
                          resume_step=start if resume else None, enabled=main)
