@@ -38,6 +38,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import optax_fac  # noqa: E402
+from optax_fac.experiments import compare  # noqa: E402
 from optax_fac.experiments import optimizers  # noqa: E402
 from optax_fac.experiments.models import build_model  # noqa: E402
 import bench_scale  # noqa: E402
@@ -300,6 +301,35 @@ def convergence_table(path):
 
 
 # --------------------------------------------------------------------------
+# Convergence, learning-rate swept (scripts/compare.py's run files).
+
+SWEEP = 'results/compare_sweep'
+
+
+def sweep_table():
+  """(setup sentence, table) of the committed sweep, as compare.py reports."""
+  workdir = os.path.join(ROOT, SWEEP)
+  runs = compare.read_runs(workdir)
+  rows = compare.summarize(runs, timing=compare.read_timing(workdir))
+  first = runs[0]
+  cfg, corpus, env = first['config'], first['corpus'], first['environment']
+  model = cfg['model']
+  setup = (f'Setup (`{SWEEP}/`, {len(runs)} runs of {len(rows)} optimizers, '
+           f'{env["device"]}, jax {env["jax"]}): LLaMA d {model["d_model"]}, '
+           f'{model["num_layers"]} layers, {first["num_params"] / 1e6:.1f} M '
+           f'params ({first["hidden_params"] / 1e6:.1f} M in the hidden '
+           f'matrices), {model["dtype"]} compute; {corpus["source"]}, '
+           f'{corpus["train_tokens"] / 1e6:.1f} M training tokens '
+           f'({corpus["tokenizer"]}, vocabulary {corpus["vocab_size"]}); batch '
+           f'{cfg["batch_size"]} x {cfg["data"]["seq_len"]}, '
+           f'{cfg["num_train_steps"]} steps, warmup '
+           f'{cfg["schedule"]["warmup_fraction"]:.0%} + {cfg["schedule"]["decay"]} '
+           f'to {cfg["schedule"]["final_fraction"]:.0%}; each optimizer at its '
+           'best peak rate of the sweep (in parentheses: the rates swept).')
+  return setup, compare.markdown_table(rows)
+
+
+# --------------------------------------------------------------------------
 
 
 def block(name, text):
@@ -329,6 +359,8 @@ def render():
            block('bench-context', context),
            block('bench-1b', bench),
            block('bench-notes', notes)]
+  setup, table = sweep_table()
+  parts += [block('sweep-setup', setup), block('sweep', table)]
   for i, (title, path) in enumerate(CONVERGENCE):
     table, setup = convergence_table(path)
     parts.append(block(f'convergence-{i}-title', f'**{title}** (`{path}`).'))
