@@ -564,8 +564,12 @@ def summarize(runs: Sequence[dict], baseline: str = BASELINE,
   return rows
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-  """The README table of :func:`summarize`'s rows."""
+def markdown_table(rows: Sequence[dict], min_rates: int = 3) -> str:
+  """The README table of :func:`summarize`'s rows.
+
+  A row with fewer than ``min_rates`` rates swept says so: its best rate is
+  not yet the best of a sweep.
+  """
   head = ('| optimizer | best lr (swept) | final valid loss | vs adamw | '
           'steps to adamw\'s loss | state (all) | state (hidden matrices) | '
           'step time | wall to adamw\'s loss |\n'
@@ -574,6 +578,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
   for r in rows:
     rates = ', '.join(f'{x:g}' for x in r['rates'])
     edge = ' (edge)' if r['lr_on_edge'] else ''
+    if len(r['rates']) < min_rates:
+      edge += f' (sweep incomplete: {len(r["rates"])} of {min_rates} rates)'
     reach = ('not reached' if r['steps_to_baseline'] is None else
              f'{r["steps_to_baseline"]:.0f} ({r["steps_ratio"]:.2f}×)')
     wall = ('-' if r['wall_to_baseline_s'] is None else
