@@ -51,11 +51,22 @@ CARRIES = ('keep', 'rotate')
 
 
 class SvdRotationState(NamedTuple):
-  """State of :func:`svd_rotation`."""
+  """State of :func:`svd_rotation`.
+
+  ``skipped_refreshes`` counts the refresh steps at which at least one basis
+  (of any leaf, side or batch element) was not replaced because the new one
+  was not finite (e.g. a NaN or Inf gradient) or the rotated gradient's
+  squares would overflow float32: that matrix kept its previous basis (the
+  identity at t = 1). It stays 0 in a healthy run; log it to see refreshes
+  that did not happen. A step rejected by ``optax.apply_if_finite`` or a
+  skipping ``MultiSteps`` leaves the whole state, this counter included,
+  unchanged.
+  """
   count: jax.Array  # shape=(), dtype=jnp.int32.
   left: Any         # per leaf: P, shape (*batch, m, m), or None (unrotated)
   right: Any        # per leaf: Q, shape (*batch, n, n), or None (unrotated)
   inner_state: Any  # the inner transform's state (in rotated coordinates)
+  skipped_refreshes: jax.Array  # shape=(), dtype=jnp.int32.
 
 
 # --------------------------------------------------------------------------
@@ -434,7 +445,11 @@ def svd_rotation(
   gradient, recomputed at t = 1 and whenever (t − 1) mod ``every`` == 0, in
   ``basis_dtype`` (float32), with the sign convention "largest-magnitude
   entry of each vector is positive" [decided]. A decomposition that is not
-  finite keeps the previous basis (identity at t = 1). At a refresh step the
+  finite (a NaN or Inf gradient, with or without ``optax.apply_if_finite``)
+  keeps the previous basis (identity at t = 1) and is counted in the state's
+  ``skipped_refreshes``; the inner statistics take the gradient as the inner
+  transform does (wrap the optimizer in ``optax.apply_if_finite`` to reject
+  such steps whole). At a refresh step the
   two-sided rotated gradient keeps only its diagonal [decided]: in exact
   arithmetic it is diagonal, and its float32 roundoff would otherwise become
   O(1) Adam updates. The inner state is kept as it is when the basis changes
@@ -553,7 +568,8 @@ def svd_rotation(
       return SvdRotationState(count=_common.zero_count(),
                               left=_common.NOT_PARAMS,
                               right=_common.NOT_PARAMS,
-                              inner_state=inner.init(params))
+                              inner_state=inner.init(params),
+                              skipped_refreshes=_common.zero_count())
     _common.check_float_params(params, 'svd_rotation')
     if max_dim is None:
       raise _common.traced_structural_error(['max_dim'], 'svd_rotation')
@@ -578,7 +594,8 @@ def svd_rotation(
             'params\' structure in the inner state; use carry="keep" or an '
             'inner transform with a full first moment (e.g. scale_by_adam).')
     return SvdRotationState(count=_common.zero_count(), left=left,
-                            right=right, inner_state=inner_state)
+                            right=right, inner_state=inner_state,
+                            skipped_refreshes=_common.zero_count())
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -591,12 +608,14 @@ def svd_rotation(
           for g, p in zip(grads, plans)]
     inner_state = state.inner_state
     fresh = [None] * len(plans)
+    skipped_refreshes = state.skipped_refreshes
 
     if basis != 'identity' and any(p.rotated for p in plans):
 
       def refresh_fn(xs, lefts, rights, inner_state):
         new = _new_bases(xs, plans, basis)
         new_l, new_r, fresh = [], [], []
+        skipped = jnp.zeros((), bool)  # some basis kept its old value
         for i, plan in enumerate(plans):
           if not plan.rotated:
             new_l.append(lefts[i])
@@ -619,6 +638,7 @@ def svd_rotation(
             ok_all = ok_all & ok
             ranks[side] = matrix.reshape(rank, plan.batch_shape)
           fresh.append((ok_all, ranks.get('left'), ranks.get('right')))
+          skipped = skipped | ~jnp.all(ok_all)
         if inner_state is not None:
           flat_state = (lefts, rights, new_l, new_r)
 
@@ -637,7 +657,7 @@ def svd_rotation(
             return jax.tree.unflatten(treedef, out)
 
           inner_state, _ = _map_first_moments(inner_state, treedef, rotate_mu)
-        return new_l, new_r, fresh, inner_state
+        return new_l, new_r, fresh, inner_state, skipped
 
       def keep_fn(xs, lefts, rights, inner_state):
         del xs
@@ -647,15 +667,18 @@ def svd_rotation(
           zero = jnp.zeros(p.batch_shape, jnp.int32)
           return (jnp.zeros(p.batch_shape, bool), zero if p.left else None,
                   zero if p.right else None)
-        return list(lefts), list(rights), [stale(p) for p in plans], inner_state
+        return (list(lefts), list(rights), [stale(p) for p in plans],
+                inner_state, jnp.zeros((), bool))
 
       refresh = (count - 1) % every == 0
       carried = inner_state if carry == 'rotate' else None
-      lefts, rights, fresh, carried = lax.cond(
+      lefts, rights, fresh, carried, skipped = lax.cond(
           refresh, refresh_fn, keep_fn, xs, list(lefts), list(rights),
           carried)
       if carry == 'rotate':
         inner_state = carried
+      skipped_refreshes = jnp.where(
+          skipped, _common.increment(skipped_refreshes), skipped_refreshes)
 
     rotated = []
     for g, x, plan, l, r, f in zip(grads, xs, plans, lefts, rights, fresh):
@@ -680,7 +703,8 @@ def svd_rotation(
       outs.append(y.astype(g.dtype))
     new_state = SvdRotationState(
         count=count, left=jax.tree.unflatten(treedef, lefts),
-        right=jax.tree.unflatten(treedef, rights), inner_state=inner_state)
+        right=jax.tree.unflatten(treedef, rights), inner_state=inner_state,
+        skipped_refreshes=skipped_refreshes)
     return jax.tree.unflatten(treedef, outs), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -726,7 +750,7 @@ def _fresh_mask(plan: _Plan, fresh, rank_left, rank_right) -> jax.Array:
 
 sharding.register_state_rule(SvdRotationState, {
     'count': 'scalar', 'left': 'row_basis', 'right': 'col_basis',
-    'inner_state': 'state'})
+    'inner_state': 'state', 'skipped_refreshes': 'scalar'})
 
 
 # --------------------------------------------------------------------------
@@ -810,7 +834,7 @@ def adadiag(
     >>> params = {'w': jnp.ones((512, 256)), 'b': jnp.zeros(256)}
     >>> tx = optax_fac.adadiag(learning_rate=1e-3, every=100)
     >>> optax_fac.state_size(tx, params)  # 2mn + 256² floats; adamw: 1050628
-    1312780
+    1312784
 
   References:
     Nguyen et al., `Improving Adaptive Moment Optimization via
@@ -900,8 +924,8 @@ def adafac_diag(
     >>> import jax.numpy as jnp, optax_fac
     >>> params = {'w': jnp.ones((512, 256))}
     >>> tx = optax_fac.adafac_diag(learning_rate=1e-3, b1=None)
-    >>> optax_fac.state_size(tx, params) // 4  # m + n + 256² + 3 counters
-    66307
+    >>> optax_fac.state_size(tx, params) // 4  # m + n + 256² + 4 counters
+    66308
 
   References:
     Nguyen et al., `Improving Adaptive Moment Optimization via

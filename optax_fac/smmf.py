@@ -32,6 +32,16 @@ stays finite up to |G| ≈ 1.8e19 (G² overflows; the dense
 The reconstruction r̄ c̄ᵀ itself is the official one: like it, it can exceed
 max A (by up to a factor n2 for a very uneven A).
 
+[decided] A second deviation, only where the official code would store NaN
+or Inf: compressed moments that come out non-finite (a NaN or Inf gradient,
+or G² beyond float32) are not stored; that leaf (batch element) keeps its
+previous factors and signs, and ``SMMFState.skipped_refreshes`` counts the
+step. In the official code one NaN of G reaches every factor of its matrix
+through the column normalisation and the leaf stays NaN for the rest of the
+run (Adam loses only that element). The step's update D is unchanged (from
+this step's uncompressed moments), so a NaN gradient still gives a NaN update,
+which ``optax.apply_if_finite`` rejects whole.
+
 References:
   Park & Lee, `SMMF: Square-Matricized Momentum Factorization for
   Memory-Efficient Optimization <https://arxiv.org/abs/2412.08894>`_,
@@ -40,6 +50,7 @@ References:
 
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -79,6 +90,13 @@ class SMMFState(NamedTuple):
   ``m_row`` and V in ``v_row``, shape (B, N), and empty (B, 0) arrays in
   ``m_col``, ``m_sign`` and ``v_col``. Without a first moment (``b1=None``)
   ``m_row``, ``m_col`` and ``m_sign`` are None.
+
+  ``skipped_refreshes`` counts the steps at which the compressed moments of
+  at least one leaf (or batch element) were not replaced because they came
+  out non-finite (a NaN or Inf gradient, or G² beyond float32): that leaf
+  kept its previous factors and signs ([decided], see :func:`scale_by_smmf`).
+  It stays 0 in a healthy run; log it to see steps that did not enter the
+  state.
   """
   count: jax.Array  # shape=(), dtype=jnp.int32.
   m_row: Any
@@ -86,6 +104,7 @@ class SMMFState(NamedTuple):
   m_sign: Any
   v_row: Any
   v_col: Any
+  skipped_refreshes: jax.Array  # shape=(), dtype=jnp.int32.
 
 
 # --------------------------------------------------------------------------
@@ -174,6 +193,33 @@ def _normalised(cols):
 
 def _outer(r, c):
   return r[..., :, None] * c[..., None, :]
+
+
+def _keep_finite(new, old, batch_ndim: int):
+  """The new (m_row, m_col, m_sign, v_row, v_col) of a leaf or stacked group,
+  with the old ones kept per batch element where a new factor is not finite.
+
+  Returns (fields, skipped: a bool scalar, True if some element kept its old
+  fields). [decided] A non-finite value in the state would never leave it:
+  one NaN of G reaches every factor of its matrix through the column
+  normalisation, so every later step of that leaf would be NaN.
+  """
+  floats = [x for x in new if x is not None and x.dtype != jnp.uint8
+            and x.dtype != jnp.bool_]
+  if not floats:
+    return new, jnp.zeros((), bool)
+  ok = functools.reduce(jnp.logical_and, [
+      jnp.all(jnp.isfinite(x), axis=tuple(range(batch_ndim, x.ndim)))
+      for x in floats])
+
+  def select(n, o):
+    if n is None:
+      return None
+    keep = jnp.reshape(ok, ok.shape + (1,) * (n.ndim - ok.ndim))
+    return jnp.where(keep, n, o)
+
+  return (tuple(select(n, o) for n, o in zip(new, old)),
+          ~jnp.all(ok))
 
 
 # --------------------------------------------------------------------------
@@ -314,6 +360,12 @@ def scale_by_smmf(
   the official float32 sums overflow (e.g. |G| ≈ 1e18: V ≈ 1e36 summed over
   n2 >= ~340 entries) and Adam's state does not (module docstring).
 
+  [decided] Where the compressed moments of a leaf (per batch element) are
+  not finite (a NaN or Inf gradient, or G² beyond float32), the previous
+  factors and signs are kept and ``skipped_refreshes`` is incremented (the
+  official code would store them and stay NaN); D is this step's (module
+  docstring).
+
   No bias correction. The dense M and V exist only inside a step; the state
   is 2(n1 + n2) float32 values and ceil(N/8) bytes per leaf (``sign_bits=1``)
   or N bytes (``sign_bits=8``, the official code's bool storage); both give
@@ -432,12 +484,14 @@ def _smmf(b1, eps, growth_rate, decay_rate, vector_reshape, sign_bits, views,
     if _common.is_params_placeholder(params):  # optax.tree_map_params
       return SMMFState(_common.zero_count(), *([None if not momentum else
                                                  _common.NOT_PARAMS] * 3),
-                       _common.NOT_PARAMS, _common.NOT_PARAMS)
+                       _common.NOT_PARAMS, _common.NOT_PARAMS,
+                       _common.zero_count())
     _common.check_float_params(params, 'scale_by_smmf')
     if sign_bits is None:
       raise _common.traced_structural_error(['sign_bits'], 'scale_by_smmf')
     return new_state(jax.tree.structure(params), _common.zero_count(),
-                     [init_leaf(lay) for lay in layouts(params)])
+                     [init_leaf(lay) for lay in layouts(params)],
+                     _common.zero_count())
 
   def schedules(count):
     """β1,t (None without a first moment) and β2,t of step ``count``."""
@@ -487,17 +541,24 @@ def _smmf(b1, eps, growth_rate, decay_rate, vector_reshape, sign_bits, views,
   def flat_fields(treedef, state):
     """Per leaf: (m_row, m_col, m_sign, v_row, v_col), None where absent."""
     fields = [None if f is None else treedef.flatten_up_to(f)
-              for f in state[1:]]
+              for f in (state.m_row, state.m_col, state.m_sign, state.v_row,
+                        state.v_col)]
     return [tuple(None if f is None else f[i] for f in fields)
             for i in range(treedef.num_leaves)]
 
-  def new_state(treedef, count, new_fields):
+  def new_state(treedef, count, new_fields, skipped_refreshes):
     """The state from per-leaf (m_row, m_col, m_sign, v_row, v_col)."""
     trees = [jax.tree.unflatten(treedef, [f[i] for f in new_fields])
              for i in range(5)]
     if not momentum:
       trees[0] = trees[1] = trees[2] = None
-    return SMMFState(count, *trees)
+    return SMMFState(count, *trees, skipped_refreshes)
+
+  def count_skipped(state, skips):
+    """``state.skipped_refreshes`` + 1 if any leaf kept its old factors."""
+    skipped = functools.reduce(jnp.logical_or, skips, jnp.zeros((), bool))
+    return jnp.where(skipped, _common.increment(state.skipped_refreshes),
+                     state.skipped_refreshes)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -509,7 +570,7 @@ def _smmf(b1, eps, growth_rate, decay_rate, vector_reshape, sign_bits, views,
                  treedef.flatten_up_to(state.v_row))
     count = _common.increment(state.count)
     beta1, beta2 = schedules(count)
-    outs, new_fields = [], []
+    outs, new_fields, skips = [], [], []
     for g, lay, fields in zip(treedef.flatten_up_to(updates), lays,
                               flat_fields(treedef, state)):
       if lay.batch or lay.dense:
@@ -520,10 +581,12 @@ def _smmf(b1, eps, growth_rate, decay_rate, vector_reshape, sign_bits, views,
             tuple(None if f is None else f[None] for f in fields),
             beta1, beta2)
         d, new = ds[0], [None if f is None else f[0] for f in new]
+      new, skipped = _keep_finite(tuple(new), fields, len(lay.batch_shape))
       outs.append(d)
-      new_fields.append(tuple(new))
+      new_fields.append(new)
+      skips.append(skipped)
     return (jax.tree.unflatten(treedef, outs),
-            new_state(treedef, count, new_fields))
+            new_state(treedef, count, new_fields, count_skipped(state, skips)))
 
   def update_members(members, state):
     """The update of :func:`optax_fac.stack_leaves` without stacking.
@@ -543,11 +606,14 @@ def _smmf(b1, eps, growth_rate, decay_rate, vector_reshape, sign_bits, views,
     check_shapes(keys, lays, treedef.flatten_up_to(state.v_row))
     count = _common.increment(state.count)
     beta1, beta2 = schedules(count)
-    outs, new_fields = {}, []
+    outs, new_fields, skips = {}, [], []
     for k, lay, fields in zip(keys, lays, flat_fields(treedef, state)):
       outs[k], new = group_step(members[k], lay, fields, beta1, beta2)
+      new, skipped = _keep_finite(tuple(new), fields, len(lay.batch_shape))
       new_fields.append(new)
-    return outs, new_state(treedef, count, new_fields)
+      skips.append(skipped)
+    return outs, new_state(treedef, count, new_fields,
+                           count_skipped(state, skips))
 
   return _SmmfFns(optax.GradientTransformationExtraArgs(init_fn, update_fn),
                   update_members)
@@ -662,4 +728,4 @@ def smmf(
 # explicit mesh (see optax_fac.matrix.replicate).
 sharding.register_state_rule(SMMFState, {
     'count': 'scalar', 'm_row': 'flat', 'm_col': 'flat', 'm_sign': 'flat',
-    'v_row': 'flat', 'v_col': 'flat'})
+    'v_row': 'flat', 'v_col': 'flat', 'skipped_refreshes': 'scalar'})

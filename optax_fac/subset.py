@@ -55,6 +55,7 @@ References:
 """
 
 
+import functools
 import math
 from typing import Any, NamedTuple, Optional, Union
 
@@ -193,7 +194,8 @@ class SubsetNormState(NamedTuple):
   """State of :func:`scale_by_subset_norm`."""
   count: jax.Array  # shape=(), dtype=jnp.int32.
   nu: Any           # per leaf: one float32 accumulator per subset (of the
-                    # subset's mean of G²; the sum is L times it)
+                    # subset's mean of G²; the sum is L times it; for
+                    # b2 = 1 the mean over the t steps, v = L·t·nu)
   momentum: Any     # state of the ``momentum`` transform (EmptyState if none)
 
 
@@ -216,7 +218,11 @@ def scale_by_subset_norm(
   chain :func:`scale_by_bias_correction` for the Adam-style step size.
   [decided] The state holds v̄ = v / L (L coordinates per subset), computed
   from means of G², so it stays finite for every gradient at which Adam's
-  state is; the denominator sqrt(L)·sqrt(v̄) + ε is the same number.
+  state is; the denominator sqrt(L)·sqrt(v̄) + ε is the same number. For
+  β2 = 1 it holds the running mean over the t steps so far, v̄ = v / (L t),
+  updated as v̄ ← v̄ + (ū − v̄) / t, and the denominator is
+  sqrt(L)·sqrt(t)·sqrt(v̄) + ε: the running sum v of G² of scale 1e19
+  overflows float32 at the second step, the mean does not.
 
   Partitions (``subset_size``, structural):
 
@@ -301,16 +307,20 @@ def scale_by_subset_norm(
           **extra_args)
     beta2 = jnp.asarray(b2, jnp.float32)
     eps32 = jnp.asarray(eps, jnp.float32)
+    running = beta2 == 1.0  # AdaGrad-style: nu is the mean over the t steps
+    t = _common.increment(state.count).astype(jnp.float32)
+    root_t = jnp.where(running, jnp.sqrt(t), 1.0)
 
     def accumulate(nu, u):
-      return jnp.where(beta2 == 1.0, nu + u, beta2 * nu + (1.0 - beta2) * u)
+      return jnp.where(running, nu + (u - nu) / t,
+                       beta2 * nu + (1.0 - beta2) * u)
 
     def one(g, g32, num, nu, view):
       k = (subset_size if subset_size is not None
            else _subset_size_from_state(nu, g.shape, view))
       nu = accumulate(nu, _subset_statistic(g32, view, k))
       root_len = math.sqrt(max(1, _subset_len(g.shape, view, k)))
-      den = root_len * jnp.sqrt(nu) + eps32
+      den = root_len * root_t * jnp.sqrt(nu) + eps32
       d = _divide_by_subsets(_common.f32(num), den, view, k)
       return d.astype(g.dtype), nu
 
@@ -332,10 +342,18 @@ class SubspaceMomentumState(NamedTuple):
   Per leaf (view (m, n), r = min(rank, m, n)): for m <= n the momentum is
   (*batch, r, n) and the projector A is (*batch, m, r); for m > n the
   momentum is (*batch, m, r) and the projector B is (*batch, r, n).
+
+  ``skipped_refreshes`` counts the refresh steps at which at least one
+  projector (of any leaf or batch element) was not replaced because the
+  gradient or its decomposition was not finite: that matrix kept its previous
+  projector (zeros before the first successful refresh, i.e. plain gradient
+  steps on that leaf). It stays 0 in a healthy run; log it to see refreshes
+  that did not happen.
   """
   count: jax.Array  # shape=(), dtype=jnp.int32.
   mu: Any           # per leaf: momentum in subspace coordinates (float32)
   projector: Any    # per leaf: orthonormal basis of the subspace (float32)
+  skipped_refreshes: jax.Array  # shape=(), dtype=jnp.int32.
 
 
 def _subspace_dims(shape, view, rank):
@@ -412,8 +430,12 @@ def scale_by_subspace_momentum(
 
   [decided] Each singular vector's sign is chosen so that its
   largest-magnitude entry is positive (the code's SVD signs are arbitrary;
-  this makes the result deterministic across backends). A non-finite
-  decomposition keeps the previous projector. ``basis='eigh'`` computes the
+  this makes the result deterministic across backends). The decomposition
+  is of G / max|G| (the vectors do not depend on the scale, and the Gram
+  matrix of ``basis='eigh'`` would overflow float32 for |G| ~ 1e18). A
+  non-finite gradient or decomposition keeps the previous projector of that
+  matrix (zeros before the first successful refresh) and is counted in the
+  state's ``skipped_refreshes`` [decided]. ``basis='eigh'`` computes the
   same subspace from the eigenvectors of the Gram matrix of the projected side
   (G Gᵀ or Gᵀ G), sorted by descending eigenvalue — usually much faster on
   accelerators.
@@ -466,7 +488,8 @@ def scale_by_subspace_momentum(
     if _common.is_params_placeholder(params):  # optax.tree_map_params
       return SubspaceMomentumState(count=_common.zero_count(),
                                    mu=_common.NOT_PARAMS,
-                                   projector=_common.NOT_PARAMS)
+                                   projector=_common.NOT_PARAMS,
+                                   skipped_refreshes=_common.zero_count())
     _common.check_float_params(params, 'scale_by_subspace_momentum')
     if rank is None:
       raise _common.traced_structural_error(['rank'],
@@ -487,7 +510,8 @@ def scale_by_subspace_momentum(
 
     mu, projector = _common.map_leaves(one, 2, params, params, views_tree)
     return SubspaceMomentumState(count=_common.zero_count(), mu=mu,
-                                 projector=projector)
+                                 projector=projector,
+                                 skipped_refreshes=_common.zero_count())
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -508,15 +532,31 @@ def scale_by_subspace_momentum(
 
       def one(g, p_old, u, view):
         left, r, _, _ = _subspace_dims(u.shape, view, leaf_rank(p_old))
-        p = _projector(g, r, left, method, precision)
-        ok = jnp.all(jnp.isfinite(p), axis=(-2, -1), keepdims=True)
-        return (jnp.where(ok, p, p_old),)
+        # Singular vectors are scale-invariant: G / max|G| keeps the Gram
+        # matrix of basis='eigh' finite for gradients of any finite scale.
+        scaled = (linalg.scale_to_unit_max(g, (-2, -1))
+                  if g.shape[-2] * g.shape[-1] else g)
+        p = _projector(scaled, r, left, method, precision)
+        # A NaN/Inf gradient keeps the old projector (an SVD of a non-finite
+        # matrix need not come back non-finite), per matrix.
+        ok = (jnp.all(jnp.isfinite(p), axis=(-2, -1), keepdims=True)
+              & jnp.all(jnp.isfinite(g), axis=(-2, -1), keepdims=True))
+        return jnp.where(ok, p, p_old), ~jnp.all(ok)
 
-      return _common.map_leaves(one, 1, updates, mats, old, updates,
-                                views_tree)[0]
+      projector, skipped = _common.map_leaves(one, 2, updates, mats, old,
+                                              updates, views_tree)
+      return projector, functools.reduce(
+          jnp.logical_or, jax.tree.leaves(skipped), jnp.zeros((), bool))
 
-    projector = jax.lax.cond(refresh, new_projectors, lambda ops: ops[1],
-                             (mats, state.projector))
+    def keep_projectors(operands):
+      return operands[1], jnp.zeros((), bool)
+
+    projector, skipped = jax.lax.cond(refresh, new_projectors,
+                                      keep_projectors,
+                                      (mats, state.projector))
+    skipped_refreshes = jnp.where(
+        skipped, _common.increment(state.skipped_refreshes),
+        state.skipped_refreshes)
 
     def one(u, g, mu, p, view):
       left, _, _, _ = _subspace_dims(u.shape, view, leaf_rank(p))
@@ -533,7 +573,8 @@ def scale_by_subspace_momentum(
     numer, mu = _common.map_leaves(one, 2, updates, updates, mats, state.mu,
                                    projector, views_tree)
     return numer, SubspaceMomentumState(count=count, mu=mu,
-                                        projector=projector)
+                                        projector=projector,
+                                        skipped_refreshes=skipped_refreshes)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -810,7 +851,7 @@ def adam_snsm(
     >>> tx = optax_fac.adam_snsm(learning_rate=1e-2, rank=8)
     >>> state = tx.init({'w': jnp.ones((64, 32))})
     >>> optax_fac.state_size(tx, {'w': jnp.ones((64, 32))}) // 4
-    839
+    840
 
   References:
     Nguyen & Nguyen, `Subset-Norm and Subspace-Momentum
@@ -966,5 +1007,6 @@ def _matrix_state_spec(x, info):
 sharding.register_state_rule(SubsetNormState, {
     'count': 'scalar', 'nu': _nu_spec, 'momentum': 'state'})
 sharding.register_state_rule(SubspaceMomentumState, {
-    'count': 'scalar', 'mu': _matrix_state_spec, 'projector': _matrix_state_spec})
+    'count': 'scalar', 'mu': _matrix_state_spec, 'projector': _matrix_state_spec,
+    'skipped_refreshes': 'scalar'})
 sharding.register_state_rule(BiasCorrectionState, {'count': 'scalar'})
