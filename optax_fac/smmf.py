@@ -657,6 +657,12 @@ def smmf(
   Memory per leaf of N elements: 2(n1 + n2) float32 values + ceil(N/8)
   bytes (ResNet-50: about 3.7 MiB against 195 MiB for Adam).
 
+  Learning rate: AdamW's. In the README's swept benchmark (a 22.7 M LLaMA
+  on Python source, 2000 steps, ``decay_rate=0.8``, the embedding and head
+  on the Adam fallback) the best peak rate was 3e-3, as AdamW's; 1e-3
+  ended 6% worse and 1e-2 diverged; at 3e-3 SMMF ended 1.05% below
+  AdamW's validation loss.
+
   Args:
     learning_rate: η, a float or an optax schedule.
     b1: first-moment decay β1, or None for no first moment.

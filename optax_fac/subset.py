@@ -824,6 +824,13 @@ def adam_snsm(
   (full EMA momentum). Memory r·max(m, n) + r·min(m, n) + max(m, n) per
   matrix (heuristic subsets; the projector included).
 
+  Learning rate: about 10x AdamW's, as its authors advise. In the README's
+  swept benchmark (a 22.7 M LLaMA on Python source, 2000 steps, AdamW best
+  at 3e-3, rank and period at their defaults) the best peak rate was 3e-2,
+  1e-2 ended 1.8% worse and 1e-1 diverged; at 3e-2 AdamSNSM ended 5.8%
+  below AdamW's validation loss, reaching AdamW's final loss in 0.68x the
+  steps.
+
   Args:
     learning_rate: η >= 0, a float or an optax schedule.
     b1: subspace momentum decay β1 in [0, 1).
