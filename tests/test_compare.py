@@ -160,3 +160,33 @@ def test_sweep_config_model_size_and_every_label_builds():
     name, kwargs = compare.resolve(config, label)
     tx = compare.make_tx(config, name, 1e-3, kwargs)
     assert compare.memory.state_size(tx, params) > 0, label
+
+
+@pytest.mark.parametrize('name', ['compare_ablations.py', 'compare_60m.py'])
+def test_ablation_and_confirmation_configs_build(name):
+  config = config_lib.load_config(os.path.join(ROOT, 'configs', name))
+  model, cfg = models.build_model(dict(config.model.to_dict(),
+                                       vocab_size=32000, max_len=256))
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jax.numpy.zeros((1, 8), jax.numpy.int32))['params']
+  if name == 'compare_60m.py':
+    assert cfg.num_params() == 58_073_600  # GaLore's 60M with 32k vocab
+  for label in config.optimizers:
+    name_, kwargs = compare.resolve(config, label)
+    rates = compare.sweep_rates(config, label)
+    assert rates and all(r > 0 for r in rates), label
+    tx = compare.make_tx(config, name_, rates[0], kwargs)
+    assert compare.memory.state_size(tx, params) > 0, label
+
+
+def test_table_says_when_a_sweep_is_incomplete():
+  config = config_lib.load_config(TINY).to_dict()
+  base = {'learning_rate': 1e-3, 'steps': 10, 'diverged': False,
+          'eval': [{'step': 10, 'valid_loss': 2.0}], 'final_valid_loss': 2.0,
+          'state_bytes': 8, 'step_time_s': 0.01, 'config': config}
+  runs = [dict(base, optimizer='adamw', learning_rate=lr)
+          for lr in (1e-3, 3e-3, 1e-2)] + [dict(base, optimizer='hfac')]
+  rows = compare.summarize(runs)
+  assert [r['rates_planned'] for r in rows] == [3, 3]
+  table = compare.markdown_table(rows)
+  assert table.count('sweep incomplete: 1 of 3 rates') == 1

@@ -455,13 +455,17 @@ def time_steps(config, label: str, corpus: dict, lr: float,
 
 
 def sweep_rates(config, name: str) -> list[float]:
-  """``config.sweep[name]`` or the grid of its family (``config.sweep_family``)."""
-  if name in config.sweep:
-    return [float(x) for x in config.sweep[name]]
-  for family, pattern in config.sweep_family.items():
+  """``config.sweep[name]`` or the grid of its family (``config.sweep_family``).
+
+  ``config`` may be a ConfigDict or the plain dict a run file stores.
+  """
+  sweep, families = config['sweep'], config['sweep_family']
+  if name in sweep:
+    return [float(x) for x in sweep[name]]
+  for family, pattern in families.items():
     if re.fullmatch(pattern, name):
-      return [float(x) for x in config.sweep[family]]
-  return [float(x) for x in config.sweep['default']]
+      return [float(x) for x in sweep[family]]
+  return [float(x) for x in sweep['default']]
 
 
 # -- Summary -----------------------------------------------------------------------
@@ -519,7 +523,8 @@ def summarize(runs: Sequence[dict], baseline: str = BASELINE,
   Row fields: optimizer, best_lr, rates (swept), lr_on_edge (the best rate is
   the smallest or largest swept), final_valid_loss, vs_baseline (relative
   difference of final validation loss), steps_to_baseline (None = not
-  reached), steps_ratio, state_bytes, state_ratio, hidden_state_bytes and
+  reached), steps_ratio, rates_planned (the config's grid; more rates ran
+  where an edge was extended), state_bytes, state_ratio, hidden_state_bytes and
   hidden_state_ratio (on the hidden matrices alone), step_time_s,
   step_time_ratio, wall_to_baseline_s (steps_to_baseline x step time),
   diverged_rates.
@@ -539,8 +544,11 @@ def summarize(runs: Sequence[dict], baseline: str = BASELINE,
   for name, r in best.items():
     rates = sorted(x['learning_rate'] for x in runs if x['optimizer'] == name)
     reach = steps_to_reach(r['eval'], target)
+    planned = (len(sweep_rates(r['config'], name)) if 'config' in r
+               else len(rates))
     rows.append(dict(
         optimizer=name, best_lr=r['learning_rate'], rates=rates,
+        rates_planned=planned,
         lr_on_edge=len(rates) > 1 and r['learning_rate'] in (rates[0],
                                                              rates[-1]),
         final_valid_loss=r['final_valid_loss'],
@@ -564,11 +572,11 @@ def summarize(runs: Sequence[dict], baseline: str = BASELINE,
   return rows
 
 
-def markdown_table(rows: Sequence[dict], min_rates: int = 3) -> str:
+def markdown_table(rows: Sequence[dict]) -> str:
   """The README table of :func:`summarize`'s rows.
 
-  A row with fewer than ``min_rates`` rates swept says so: its best rate is
-  not yet the best of a sweep.
+  A row with fewer rates run than its config's grid says so: its best rate
+  is not yet the best of its sweep.
   """
   head = ('| optimizer | best lr (swept) | final valid loss | vs adamw | '
           'steps to adamw\'s loss | state (all) | state (hidden matrices) | '
@@ -578,8 +586,9 @@ def markdown_table(rows: Sequence[dict], min_rates: int = 3) -> str:
   for r in rows:
     rates = ', '.join(f'{x:g}' for x in r['rates'])
     edge = ' (edge)' if r['lr_on_edge'] else ''
-    if len(r['rates']) < min_rates:
-      edge += f' (sweep incomplete: {len(r["rates"])} of {min_rates} rates)'
+    planned = r.get('rates_planned', len(r['rates']))
+    if len(r['rates']) < planned:
+      edge += f' (sweep incomplete: {len(r["rates"])} of {planned} rates)'
     reach = ('not reached' if r['steps_to_baseline'] is None else
              f'{r["steps_to_baseline"]:.0f} ({r["steps_ratio"]:.2f}×)')
     wall = ('-' if r['wall_to_baseline_s'] is None else
