@@ -17,7 +17,11 @@ Cost model (what a step pays):
 * a refresh step additionally: ONE ``lax.cond`` on the wrapper's scalar
   counter for the whole tree; inside it, the Gram matrices of equal size from
   all leaves and sides are stacked into one batched ``eigh`` (or the matrices
-  of equal shape into one batched ``svd``).
+  of equal shape into one batched ``svd``);
+* with ``basis_source="ema_gram"`` (SOAP-style bases from EMAs of the Gram
+  matrices) every step also pays one full-float32 Gram product per rotated
+  side (the EMA update, outside the ``lax.cond``), and the refresh
+  decomposes the EMAs instead of the current gradient's Gram matrices.
 
 References:
   Nguyen et al., `Improving Adaptive Moment Optimization via Preconditioner
@@ -48,6 +52,8 @@ SIDES = ('one', 'two')
 DEFAULT_MAX_DIM = 8192
 BASES = ('eigh', 'svd', 'identity')
 CARRIES = ('keep', 'rotate')
+BASIS_SOURCES = ('gradient', 'ema_gram')
+DEFAULT_GRAM_DECAY = 0.95  # SOAP's default shampoo_beta (= its β2, 0.95)
 
 
 class SvdRotationState(NamedTuple):
@@ -57,16 +63,26 @@ class SvdRotationState(NamedTuple):
   (of any leaf, side or batch element) was not replaced because the new one
   was not finite (e.g. a NaN or Inf gradient) or the rotated gradient's
   squares would overflow float32: that matrix kept its previous basis (the
-  identity at t = 1). It stays 0 in a healthy run; log it to see refreshes
-  that did not happen. A step rejected by ``optax.apply_if_finite`` or a
-  skipping ``MultiSteps`` leaves the whole state, this counter included,
-  unchanged.
+  identity at t = 1). With ``basis_source="ema_gram"`` it counts, once per
+  step, every step (refresh or not) at which such a basis was kept or at
+  which a matrix's gradient was kept out of its EMA Gram matrices (a
+  non-finite gradient, or Gram matrices beyond float32's range). It stays 0
+  in a healthy run; log it to see refreshes that did not happen. A step
+  rejected by ``optax.apply_if_finite`` or a skipping ``MultiSteps`` leaves
+  the whole state, this counter included, unchanged.
+
+  ``gram_left`` / ``gram_right`` are None with ``basis_source="gradient"``;
+  with ``"ema_gram"`` they are trees with the params' structure holding,
+  for each rotated left (right) side, the float32 EMA of G Gᵀ (Gᵀ G) of
+  shape ``(*batch, m, m)`` (``(*batch, n, n)``), and None elsewhere.
   """
   count: jax.Array  # shape=(), dtype=jnp.int32.
   left: Any         # per leaf: P, shape (*batch, m, m), or None (unrotated)
   right: Any        # per leaf: Q, shape (*batch, n, n), or None (unrotated)
   inner_state: Any  # the inner transform's state (in rotated coordinates)
   skipped_refreshes: jax.Array  # shape=(), dtype=jnp.int32.
+  gram_left: Any = None   # per leaf: EMA of G Gᵀ, (*batch, m, m), or None
+  gram_right: Any = None  # per leaf: EMA of Gᵀ G, (*batch, n, n), or None
 
 
 # --------------------------------------------------------------------------
@@ -305,6 +321,39 @@ def _rtol(plan: _Plan, dtype) -> float:
   return linalg.rank_rtol(plan.m, plan.n, dtype)
 
 
+def _eigh_groups(requests):
+  """Batched canonical eigenbases of Gram matrices, grouped by size.
+
+  ``requests``: ``(key, gram (B, k, k), rtol, scale (B,), bound (B,) or
+  None)`` tuples (bound None: two-sided from the current gradient, λ_max of
+  the scaled Gram matrix is σ_max²). Returns {key: ((B, k, k) vectors, (B,)
+  ok, (B,) rank)}; same-size requests run in one :func:`eigh_descending`.
+  """
+  out = {}
+  groups: dict = {}
+  for item in requests:
+    groups.setdefault(item[1].shape[-1], []).append(item)
+  for items in groups.values():
+    grams = [it[1] for it in items]
+    stacked = grams[0] if len(grams) == 1 else jnp.concatenate(grams, 0)
+    rtols = {it[2] for it in items}
+    rtol = (rtols.pop() if len(rtols) == 1 else np.concatenate(
+        [np.full(g.shape[0], r, stacked.dtype) for _, g, r, _, _ in items]))
+    lam, vecs = eigh_descending(stacked)
+    vecs, rank = linalg.canonical_basis(vecs, lam, rtol)
+    ok = _all_finite(vecs) & _all_finite(stacked)
+    top = jnp.max(lam, axis=-1)
+    start = 0
+    for key, g, _, scale, bnd in items:
+      stop = start + g.shape[0]
+      bnd = top[start:stop] if bnd is None else bnd
+      out[key] = (vecs[start:stop],
+                  ok[start:stop] & _squares_finite(scale, bnd),
+                  rank[start:stop])
+      start = stop
+  return out
+
+
 def _new_bases(xs, plans, basis):
   """{(leaf, side): ((B, k, k) vectors, (B,) ok, (B,) rank)}, batched.
 
@@ -323,34 +372,16 @@ def _new_bases(xs, plans, basis):
     return None if plan.left and plan.right else _rotated_bound(x, plan, side)
 
   if basis == 'eigh':
-    groups: dict = {}
+    requests = []
     for i, (x, plan) in enumerate(zip(xs, plans)):
       if not plan.rotated:
         continue
       x, scale = _unit_max(x, plan)
       for side in ('left', 'right'):
         if getattr(plan, side):
-          groups.setdefault(plan.side_dim(side), []).append(
-              ((i, side), _gram(x, plan, side), _rtol(plan, x.dtype), scale,
-               bound(x, plan, side)))
-    for items in groups.values():
-      grams = [it[1] for it in items]
-      stacked = grams[0] if len(grams) == 1 else jnp.concatenate(grams, 0)
-      rtols = {it[2] for it in items}
-      rtol = (rtols.pop() if len(rtols) == 1 else np.concatenate(
-          [np.full(g.shape[0], r, stacked.dtype) for _, g, r, _, _ in items]))
-      lam, vecs = eigh_descending(stacked)
-      vecs, rank = linalg.canonical_basis(vecs, lam, rtol)
-      ok = _all_finite(vecs) & _all_finite(stacked)
-      top = jnp.max(lam, axis=-1)
-      start = 0
-      for key, g, _, scale, bnd in items:
-        stop = start + g.shape[0]
-        bnd = top[start:stop] if bnd is None else bnd
-        out[key] = (vecs[start:stop],
-                    ok[start:stop] & _squares_finite(scale, bnd),
-                    rank[start:stop])
-        start = stop
+          requests.append(((i, side), _gram(x, plan, side),
+                           _rtol(plan, x.dtype), scale, bound(x, plan, side)))
+    out.update(_eigh_groups(requests))
   else:  # 'svd'
     groups = {}
     for i, (x, plan) in enumerate(zip(xs, plans)):
@@ -381,6 +412,90 @@ def _new_bases(xs, plans, basis):
                             ranks[side][start:stop])
         start = stop
   return out
+
+
+# --------------------------------------------------------------------------
+# basis_source="ema_gram": SOAP-style EMA of the Gram matrices.
+
+
+def _ema_grams(xs, plans, olds_l, olds_r, decay):
+  """L ← β L + (1 − β) G Gᵀ and R ← β R + (1 − β) Gᵀ G, per matrix.
+
+  ``xs``: the gradients in ``basis_dtype`` (unscaled, as SOAP); ``olds_*``:
+  per leaf the (*batch, k, k) EMA or None (side not rotated); ``decay``: β
+  (a float or a traced scalar). A matrix (batch element) whose new L or R is
+  not finite (a NaN or Inf gradient, or a Gram matrix beyond float32's range)
+  keeps both of its previous matrices [decided: both sides always see the
+  same gradients]. Returns (new lefts, new rights, any matrix kept: () bool).
+  """
+  new_l, new_r = [], []
+  skipped = jnp.zeros((), bool)
+  for x, plan, ol, orr in zip(xs, plans, olds_l, olds_r):
+    if ol is None and orr is None:
+      new_l.append(ol)
+      new_r.append(orr)
+      continue
+    ok = jnp.ones(plan.batch_shape, bool)
+    cand = {}
+    for side, old in (('left', ol), ('right', orr)):
+      if old is None:
+        continue
+      k = plan.side_dim(side)
+      g = matrix.reshape(_gram(x, plan, side), plan.batch_shape + (k, k))
+      g = matrix.reshard_like(g.astype(old.dtype), old)
+      cand[side] = _common.ema(old, g, jnp.asarray(decay, old.dtype))
+      ok = ok & _all_finite(cand[side])
+    for side, old, outs in (('left', ol, new_l), ('right', orr, new_r)):
+      outs.append(None if old is None else
+                  jnp.where(ok[..., None, None], cand[side], old))
+    skipped = skipped | ~jnp.all(ok)
+  return new_l, new_r, skipped
+
+
+def _frobenius_sq(x, plan: _Plan):
+  """‖G‖_F² per matrix, (B,): bounds every entry² of Pᵀ G Q for any
+  orthogonal P, Q (the two-sided bound of an EMA basis)."""
+  v = plan.view
+  return _per_matrix(jnp.sum(x * x, axis=v.rows + v.cols, keepdims=True),
+                     plan)
+
+
+def _ema_bases(xs, plans, grams_l, grams_r):
+  """{(leaf, side): ((B, k, k) vectors, (B,) ok, (B,) rank)} from the EMAs.
+
+  Each EMA Gram matrix is scaled to max |entry| = 1 (eigenvectors are
+  scale-invariant) and decomposed by the same batched, canonical eigh as
+  the gradient's Gram matrices (:func:`_eigh_groups`, the rank tolerance of
+  the leaf). 'ok' also needs the current gradient's rotated squares to stay
+  finite: the column / row bound one-sided, ‖G‖_F² two-sided.
+  """
+  requests = []
+  for i, (x, plan) in enumerate(zip(xs, plans)):
+    if not plan.rotated:
+      continue
+    xu, scale = _unit_max(x, plan)
+    two = plan.left and plan.right
+    for side, grams in (('left', grams_l), ('right', grams_r)):
+      if not getattr(plan, side):
+        continue
+      k = plan.side_dim(side)
+      gram = matrix.merge_batch(grams[i], len(plan.view.batch), (k, k))
+      gram = linalg.scale_to_unit_max(gram, (-2, -1))
+      bnd = _frobenius_sq(xu, plan) if two else _rotated_bound(xu, plan, side)
+      requests.append(((i, side), gram, _rtol(plan, x.dtype), scale, bnd))
+  return _eigh_groups(requests)
+
+
+def _single_gradient(plan: _Plan, old_l, old_r, decay):
+  """(*batch,) bool: the new EMAs are (1 − β) × this gradient's Gram
+  matrices (the previous ones are zero, or β = 0), so the new basis is the
+  current gradient's and the refresh-step masks apply (:func:`_fresh_mask`)."""
+  zero = jnp.ones(plan.batch_shape, bool)
+  for old in (old_l, old_r):
+    if old is not None:
+      zero = zero & jnp.all(old == 0, axis=(-2, -1))
+  out = zero | (jnp.asarray(decay) == 0)
+  return jnp.broadcast_to(out, plan.batch_shape)
 
 
 # --------------------------------------------------------------------------
@@ -428,6 +543,8 @@ def svd_rotation(
     precision: Any = None,
     basis_dtype: Any = jnp.float32,
     views: matrix.ViewSpec = None,
+    basis_source: str = 'gradient',
+    gram_decay: float = DEFAULT_GRAM_DECAY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` in the singular basis of the gradient (docs/algorithms.md §3).
 
@@ -459,6 +576,32 @@ def svd_rotation(
   M̃ ← P_newᵀ P_old M̃ Q_oldᵀ Q_new, as SOAP does [decided]; second moments are
   kept (eigenvalues are always sorted descending, so index i stays the i-th
   singular direction).
+
+  ``basis_source="ema_gram"`` takes P and Q from an exponential moving
+  average of the Gram matrices instead of the current gradient, as SOAP
+  (Vyas et al. 2024) does: at every step L ← β L + (1 − β) G Gᵀ for a
+  rotated left side and R ← β R + (1 − β) Gᵀ G for a rotated right side
+  (β = ``gram_decay``, L = R = 0 at init, no bias correction: eigenvectors
+  do not depend on the scale), from the unscaled float32 gradient with
+  full-float32 matmuls; at each refresh (same schedule) P and Q are the
+  canonical eigenbases of the updated L and R (a full ``eigh`` of each,
+  scaled to max |entry| = 1, same rank tolerance, completion and sign
+  convention as above; SOAP instead runs one QR power-iteration step), and
+  they rotate this step's gradient [decided; SOAP uses its new basis from
+  the next step]. The refresh-step masks (diagonal, rank) are applied only
+  where the new L and R are (1 − β) times this gradient's Gram matrices
+  (the previous ones zero, e.g. t = 1, or β = 0): only there is the rotated
+  gradient diagonal / rank-limited in exact arithmetic [decided]. A matrix
+  whose gradient is not finite, or whose updated L or R is not (Gram
+  matrices beyond float32's range, |G| ≳ 1e19 / sqrt(n)), keeps both
+  previous EMAs; at a refresh a non-finite gradient also keeps its basis
+  (it fails the overflow check), while a finite one refreshes from the
+  previous EMAs unless its rotated squares would overflow; the step counts
+  once in ``skipped_refreshes``. Gradients below about 1e-19 underflow in
+  the Gram matrices (float32's range): the EMA then sees zeros. Only
+  ``basis="eigh"`` is allowed with it. Extra cost per step: one Gram matmul
+  per rotated side (2 m² n flops for L, 2 m n² for R), at
+  ``lax.Precision.HIGHEST``.
 
   ``inner`` may be any shape-preserving transform that does not need
   ``params`` (it is called with ``params=None``: weight decay belongs outside
@@ -500,11 +643,38 @@ def svd_rotation(
     basis_dtype: dtype of P, Q and of the rotation arithmetic (float32).
     views: per-leaf :class:`optax_fac.MatrixView` override. Batch axes
       (stacked layers) get one basis per batch element.
+    basis_source: ``"gradient"`` (default, the paper: the basis of the
+      current gradient) or ``"ema_gram"`` (the eigenbases of the EMA Gram
+      matrices, see above; needs ``basis="eigh"``). Static.
+    gram_decay: β in [0, 1) of the Gram EMA (``"ema_gram"`` only); default
+      0.95 [decided: SOAP's default ``shampoo_beta``, which falls back to its
+      β2 = 0.95]. May be traced (``optax.inject_hyperparams``).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`, with
-    state :class:`SvdRotationState`. Memory: the inner state plus
-    min(m, n)² (one-sided) or m² + n² (two-sided) per matrix.
+    state :class:`SvdRotationState`. Memory per matrix: the inner state plus
+    min(m, n)² (one-sided) or m² + n² (two-sided) float32 for the bases;
+    ``"ema_gram"`` doubles that part (one float32 EMA Gram matrix per basis:
+    2 min(m, n)² or 2(m² + n²)), per batch element.
+
+  Raises:
+    ValueError: an unknown ``sides``, ``basis``, ``carry`` or
+      ``basis_source``, ``"ema_gram"`` with a ``basis`` other than
+      ``"eigh"``, ``gram_decay`` outside [0, 1), a bad ``every`` or
+      ``max_dim``, or a non-float ``basis_dtype``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_fac
+    >>> tx = optax_fac.svd_rotation(optax.scale_by_adam(), every=10,
+    ...                             basis_source='ema_gram', gram_decay=0.95)
+    >>> params = {'w': jnp.zeros((4, 6)), 'b': jnp.zeros(6)}
+    >>> state = tx.init(params)
+    >>> state.gram_left['w'].shape, state.gram_right['w']  # m <= n: rows
+    ((4, 4), None)
+    >>> grads = {'w': jnp.ones((4, 6)), 'b': jnp.ones(6)}
+    >>> updates, state = tx.update(grads, state)
+    >>> round(float(state.gram_left['w'][0, 1]), 6)  # (1 - 0.95) * (G Gᵀ)₀₁
+    0.3
 
   References:
     Nguyen et al., `Improving Adaptive Moment Optimization via
@@ -516,6 +686,15 @@ def svd_rotation(
     raise ValueError(f'basis must be one of {BASES}, got {basis!r}.')
   if carry not in CARRIES:
     raise ValueError(f'carry must be one of {CARRIES}, got {carry!r}.')
+  if basis_source not in BASIS_SOURCES:
+    raise ValueError(f'basis_source must be one of {BASIS_SOURCES}, got '
+                     f'{basis_source!r}.')
+  ema = basis_source == 'ema_gram'
+  if ema and basis != 'eigh':
+    raise ValueError(
+        "svd_rotation: basis_source='ema_gram' decomposes the EMA Gram "
+        f"matrices with eigh; it needs basis='eigh', got basis={basis!r}.")
+  _common.check_unit_interval('gram_decay', gram_decay)
   _common.check_dynamic_int('every', every, 'svd_rotation: ')
   max_dim = _common.structural_int('max_dim', max_dim, DEFAULT_MAX_DIM,
                                    where='svd_rotation: ')
@@ -535,17 +714,26 @@ def svd_rotation(
     try:
       lefts = treedef.flatten_up_to(state.left)
       rights = treedef.flatten_up_to(state.right)
+      if ema:
+        grams = (treedef.flatten_up_to(state.gram_left),
+                 treedef.flatten_up_to(state.gram_right))
     except (ValueError, TypeError) as e:
       raise ValueError(
           'svd_rotation: the updates tree does not match the tree the '
           f'optimizer was initialised with: {e}') from None
+    if not ema:
+      grams = ([None] * len(lefts), [None] * len(rights))
     plans = []
-    for (path, leaf), view, l, r in zip(
+    for (path, leaf), view, l, r, gl, gr in zip(
         jax.tree_util.tree_flatten_with_path(tree)[0],
-        treedef.flatten_up_to(views_tree), lefts, rights):
+        treedef.flatten_up_to(views_tree), lefts, rights, *grams):
       plan = _plan(leaf.shape, view, sides, max(leaf.shape, default=1))
       plan = dataclasses.replace(plan, left=l is not None, right=r is not None)
-      for side, b in (('left', l), ('right', r)):
+      if ema and ((gl is None) != (l is None) or (gr is None) != (r is None)):
+        raise ValueError(
+            f'svd_rotation: the state of update {matrix.leaf_path_str(path)} '
+            'has EMA Gram matrices on other sides than its bases.')
+      for side, b in (('left', l), ('right', r), ('left', gl), ('right', gr)):
         if b is None:
           continue
         want = plan.batch_shape + (plan.side_dim(side),) * 2
@@ -555,7 +743,7 @@ def svd_rotation(
               f'{tuple(leaf.shape)}, which does not match the state built at '
               f'init ({side} basis of shape {tuple(b.shape)}).')
       plans.append(plan)
-    return plans, lefts, rights
+    return plans, lefts, rights, list(grams[0]), list(grams[1])
 
   def plans_for(tree):
     views_tree = matrix.resolve_views(tree, views, vectors=False)
@@ -565,11 +753,13 @@ def svd_rotation(
 
   def init_fn(params):
     if _common.is_params_placeholder(params):  # optax.tree_map_params
+      marker = _common.NOT_PARAMS if ema else None
       return SvdRotationState(count=_common.zero_count(),
                               left=_common.NOT_PARAMS,
                               right=_common.NOT_PARAMS,
                               inner_state=inner.init(params),
-                              skipped_refreshes=_common.zero_count())
+                              skipped_refreshes=_common.zero_count(),
+                              gram_left=marker, gram_right=marker)
     _common.check_float_params(params, 'svd_rotation')
     if max_dim is None:
       raise _common.traced_structural_error(['max_dim'], 'svd_rotation')
@@ -583,8 +773,20 @@ def svd_rotation(
       return jnp.broadcast_to(jnp.eye(k, dtype=basis_dtype),
                               plan.batch_shape + (k, k))
 
+    def zeros(plan, side):
+      if not getattr(plan, side):
+        return None
+      k = plan.side_dim(side)
+      return jnp.zeros(plan.batch_shape + (k, k), basis_dtype)
+
     left = jax.tree.unflatten(treedef, [eye(p, 'left') for p in plans])
     right = jax.tree.unflatten(treedef, [eye(p, 'right') for p in plans])
+    gram_left = gram_right = None
+    if ema:
+      gram_left = jax.tree.unflatten(treedef,
+                                     [zeros(p, 'left') for p in plans])
+      gram_right = jax.tree.unflatten(treedef,
+                                      [zeros(p, 'right') for p in plans])
     inner_state = inner.init(params)
     if carry == 'rotate':
       _, found = _map_first_moments(inner_state, treedef, lambda x: x)
@@ -595,12 +797,13 @@ def svd_rotation(
             'inner transform with a full first moment (e.g. scale_by_adam).')
     return SvdRotationState(count=_common.zero_count(), left=left,
                             right=right, inner_state=inner_state,
-                            skipped_refreshes=_common.zero_count())
+                            skipped_refreshes=_common.zero_count(),
+                            gram_left=gram_left, gram_right=gram_right)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
     treedef = jax.tree.structure(updates)
-    plans, lefts, rights = plans_from_state(updates, state)
+    plans, lefts, rights, gram_l, gram_r = plans_from_state(updates, state)
     grads = jax.tree.leaves(updates)
 
     count = _common.increment(state.count)
@@ -609,11 +812,21 @@ def svd_rotation(
     inner_state = state.inner_state
     fresh = [None] * len(plans)
     skipped_refreshes = state.skipped_refreshes
+    grams, ema_skipped = None, jnp.zeros((), bool)
+    if ema and any(p.rotated for p in plans):
+      # Every step, before the refresh: the new basis sees this gradient.
+      new_gl, new_gr, ema_skipped = _ema_grams(xs, plans, gram_l, gram_r,
+                                               gram_decay)
+      grams = (gram_l, gram_r, new_gl, new_gr)
+      gram_l, gram_r = new_gl, new_gr
 
     if basis != 'identity' and any(p.rotated for p in plans):
 
-      def refresh_fn(xs, lefts, rights, inner_state):
-        new = _new_bases(xs, plans, basis)
+      def refresh_fn(xs, lefts, rights, inner_state, grams):
+        if grams is None:
+          new = _new_bases(xs, plans, basis)
+        else:
+          new = _ema_bases(xs, plans, grams[2], grams[3])
         new_l, new_r, fresh = [], [], []
         skipped = jnp.zeros((), bool)  # some basis kept its old value
         for i, plan in enumerate(plans):
@@ -637,7 +850,11 @@ def svd_rotation(
             outs.append(jnp.where(ok[..., None, None], vecs, old))
             ok_all = ok_all & ok
             ranks[side] = matrix.reshape(rank, plan.batch_shape)
-          fresh.append((ok_all, ranks.get('left'), ranks.get('right')))
+          masked = ok_all
+          if grams is not None:  # masks only where the basis is G's own
+            masked = ok_all & _single_gradient(plan, grams[0][i], grams[1][i],
+                                               gram_decay)
+          fresh.append((masked, ranks.get('left'), ranks.get('right')))
           skipped = skipped | ~jnp.all(ok_all)
         if inner_state is not None:
           flat_state = (lefts, rights, new_l, new_r)
@@ -659,8 +876,8 @@ def svd_rotation(
           inner_state, _ = _map_first_moments(inner_state, treedef, rotate_mu)
         return new_l, new_r, fresh, inner_state, skipped
 
-      def keep_fn(xs, lefts, rights, inner_state):
-        del xs
+      def keep_fn(xs, lefts, rights, inner_state, grams):
+        del xs, grams
         def stale(p):
           if not p.rotated:
             return None
@@ -674,11 +891,12 @@ def svd_rotation(
       carried = inner_state if carry == 'rotate' else None
       lefts, rights, fresh, carried, skipped = lax.cond(
           refresh, refresh_fn, keep_fn, xs, list(lefts), list(rights),
-          carried)
+          carried, grams)
       if carry == 'rotate':
         inner_state = carried
       skipped_refreshes = jnp.where(
-          skipped, _common.increment(skipped_refreshes), skipped_refreshes)
+          skipped | ema_skipped, _common.increment(skipped_refreshes),
+          skipped_refreshes)
 
     rotated = []
     for g, x, plan, l, r, f in zip(grads, xs, plans, lefts, rights, fresh):
@@ -704,7 +922,9 @@ def svd_rotation(
     new_state = SvdRotationState(
         count=count, left=jax.tree.unflatten(treedef, lefts),
         right=jax.tree.unflatten(treedef, rights), inner_state=inner_state,
-        skipped_refreshes=skipped_refreshes)
+        skipped_refreshes=skipped_refreshes,
+        gram_left=jax.tree.unflatten(treedef, gram_l) if ema else None,
+        gram_right=jax.tree.unflatten(treedef, gram_r) if ema else None)
     return jax.tree.unflatten(treedef, outs), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -748,9 +968,12 @@ def _fresh_mask(plan: _Plan, fresh, rank_left, rank_right) -> jax.Array:
   return keep | ~per_matrix(fresh)
 
 
+# [decided] An EMA Gram matrix L (R) is laid out like the basis P (Q) of
+# its side: its first axis follows the parameter's rows (columns).
 sharding.register_state_rule(SvdRotationState, {
     'count': 'scalar', 'left': 'row_basis', 'right': 'col_basis',
-    'inner_state': 'state', 'skipped_refreshes': 'scalar'})
+    'inner_state': 'state', 'skipped_refreshes': 'scalar',
+    'gram_left': 'row_basis', 'gram_right': 'col_basis'})
 
 
 # --------------------------------------------------------------------------
@@ -758,14 +981,16 @@ sharding.register_state_rule(SvdRotationState, {
 
 
 def _rotated_named(make_inner, *, sides, every, max_dim, basis, carry,
-                   precision, views, stack_leaves, fallback, **named):
+                   precision, views, stack_leaves, fallback, basis_source,
+                   gram_decay, **named):
   """``make_inner(views)`` rotated on the matrices, as a named optimizer."""
   _common.check_dynamic_int('every', every)
   _common.structural_int('max_dim', max_dim, DEFAULT_MAX_DIM)
   method = compose.matrix_method(
       lambda v: compose.scale_in_float32(svd_rotation(
           make_inner(v), sides=sides, every=every, max_dim=max_dim, basis=basis,
-          carry=carry, precision=precision, views=v)),
+          carry=carry, precision=precision, views=v,
+          basis_source=basis_source, gram_decay=gram_decay)),
       views, stack_leaves)
   return compose.named_optimizer(method, views=views, fallback=fallback,
                                  **named)
@@ -788,6 +1013,8 @@ def adadiag(
     views: matrix.ViewSpec = None,
     precision: Any = None,
     stack_leaves: compose.StackLeaves = True,
+    basis_source: str = 'gradient',
+    gram_decay: float = DEFAULT_GRAM_DECAY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaDiag: Adam in the gradient's singular basis (docs/algorithms.md §3).
 
@@ -796,7 +1023,8 @@ def adadiag(
   decoupled weight decay (in the original coordinates) and the learning
   rate. With ``basis="identity"`` it equals ``optax.adamw`` with float32
   moments. Memory per (m, n) matrix: 2mn + min(m, n)² (``sides="one"``) or
-  2mn + m² + n² (``"two"``, :data:`adadiag_pp`).
+  2mn + m² + n² (``"two"``, :data:`adadiag_pp`); ``basis_source="ema_gram"``
+  adds the EMA Gram matrices: 2mn + 2 min(m, n)² or 2mn + 2(m² + n²).
 
   Args:
     learning_rate: η >= 0, a float or an optax schedule.
@@ -825,6 +1053,11 @@ def adadiag(
       64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
       kernels); an int: groups of at most that many bytes; False: leaf
       by leaf.
+    basis_source: ``"gradient"`` (the paper: P, Q from the current
+      gradient) or ``"ema_gram"`` (SOAP-style: from an EMA of G Gᵀ and
+      Gᵀ G; memory + one float32 Gram matrix per rotated side; see
+      :func:`svd_rotation`). Static.
+    gram_decay: β in [0, 1) of the Gram EMA (``"ema_gram"`` only; 0.95).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -835,6 +1068,9 @@ def adadiag(
     >>> tx = optax_fac.adadiag(learning_rate=1e-3, every=100)
     >>> optax_fac.state_size(tx, params)  # 2mn + 256² floats; adamw: 1050628
     1312784
+    >>> tx = optax_fac.adadiag(learning_rate=1e-3, basis_source='ema_gram')
+    >>> optax_fac.state_size(tx, params)  # + the EMA of Gᵀ G: 256² floats
+    1574928
 
   References:
     Nguyen et al., `Improving Adaptive Moment Optimization via
@@ -846,7 +1082,8 @@ def adadiag(
       every=every, max_dim=max_dim, basis=basis, carry=carry,
       precision=precision, views=views, stack_leaves=stack_leaves,
       fallback=compose.adam_fallback(b1, b2, eps), learning_rate=learning_rate,
-      weight_decay=weight_decay, mask=mask, method_mask=method_mask)
+      weight_decay=weight_decay, mask=mask, method_mask=method_mask,
+      basis_source=basis_source, gram_decay=gram_decay)
 
 
 adadiag_pp = functools.partial(adadiag, sides='two')
@@ -882,14 +1119,17 @@ def adafac_diag(
     precision: Any = None,
     fallback_eps: float = 1e-8,
     stack_leaves: compose.StackLeaves = True,
+    basis_source: str = 'gradient',
+    gram_decay: float = DEFAULT_GRAM_DECAY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdafacDiag: the factored second moment in the singular basis (§3).
 
   ``svd_rotation(scale_by_factored_rms(b1, b2, eps, clipping_threshold),
   sides)`` on matrices; ``b1=None`` is AdafacDiag without momentum (memory
   m + n + min(m, n)² per matrix with ``sides="one"``), a float adds momentum
-  on the rotated gradient (+ mn). Other leaves get Adam (β1 = ``b1`` or 0.9,
-  β2, ``fallback_eps``). With ``basis="identity"`` it equals
+  on the rotated gradient (+ mn); ``basis_source="ema_gram"`` adds
+  min(m, n)² (two-sided: m² + n²) for the EMA Gram matrices. Other leaves
+  get Adam (β1 = ``b1`` or 0.9, β2, ``fallback_eps``). With ``basis="identity"`` it equals
   :func:`optax_fac.adafactor_momentum`; ``sides="two"`` is
   :data:`adafac_diag_pp`.
 
@@ -916,6 +1156,11 @@ def adafac_diag(
       64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
       kernels); an int: groups of at most that many bytes; False: leaf
       by leaf.
+    basis_source: ``"gradient"`` (the paper: P, Q from the current
+      gradient) or ``"ema_gram"`` (SOAP-style: from an EMA of G Gᵀ and
+      Gᵀ G; memory + one float32 Gram matrix per rotated side; see
+      :func:`svd_rotation`). Static.
+    gram_decay: β in [0, 1) of the Gram EMA (``"ema_gram"`` only; 0.95).
 
   Returns:
     The AdafacDiag ``optax.GradientTransformationExtraArgs``.
@@ -940,7 +1185,8 @@ def adafac_diag(
       fallback=compose.adam_fallback(0.9 if b1 is None else b1, b2,
                                      fallback_eps),
       learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
-      method_mask=method_mask)
+      method_mask=method_mask, basis_source=basis_source,
+      gram_decay=gram_decay)
 
 
 adafac_diag_pp = functools.partial(adafac_diag, sides='two')
@@ -973,13 +1219,16 @@ def hfac_diag(
     precision: Any = None,
     fallback_eps: float = 1e-8,
     stack_leaves: compose.StackLeaves = True,
+    basis_source: str = 'gradient',
+    gram_decay: float = DEFAULT_GRAM_DECAY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HfacDiag: H-Fac in the one-sided singular basis (docs/algorithms.md §3).
 
   ``svd_rotation(scale_by_hfac(b1, b2, eps, clipping_threshold), sides="one")``
   on matrices, Adam (β1, β2, ``fallback_eps``) elsewhere. With
   ``basis="identity"`` it equals :func:`optax_fac.hfac`. Memory
-  2(m + n) + min(m, n)² per matrix. H-Fac's momentum is factored, so there
+  2(m + n) + min(m, n)² per matrix (+ min(m, n)² with
+  ``basis_source="ema_gram"``). H-Fac's momentum is factored, so there
   is no ``carry="rotate"`` option.
 
   Args:
@@ -1001,6 +1250,11 @@ def hfac_diag(
       64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
       kernels); an int: groups of at most that many bytes; False: leaf
       by leaf.
+    basis_source: ``"gradient"`` (the paper: P, Q from the current
+      gradient) or ``"ema_gram"`` (SOAP-style: from an EMA of G Gᵀ and
+      Gᵀ G; memory + one float32 Gram matrix per rotated side; see
+      :func:`svd_rotation`). Static.
+    gram_decay: β in [0, 1) of the Gram EMA (``"ema_gram"`` only; 0.95).
 
   Returns:
     HfacDiag as an ``optax.GradientTransformationExtraArgs``.
@@ -1025,4 +1279,5 @@ def hfac_diag(
       stack_leaves=stack_leaves,
       fallback=compose.adam_fallback(b1, b2, fallback_eps),
       learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
-      method_mask=method_mask)
+      method_mask=method_mask, basis_source=basis_source,
+      gram_decay=gram_decay)
