@@ -13,6 +13,8 @@ AdamSNSM 3e-2; README), one change at a time from the defaults:
   ``'keep'`` (default, the paper's code);
 * rotation matmuls at ``precision='highest'`` (full float32) instead of the
   backend's default (TF32-class on NVIDIA GPUs);
+* the basis from EMAs of the Gram matrices (``basis_source='ema_gram'``,
+  SOAP's idea, β = 0.95) instead of the refresh step's gradient;
 * AdamSNSM's rank (default 128 here: 1/2 of d) 32 and 64, and its period
   ``every`` (default 200) 50 and 500.
 """
@@ -31,6 +33,7 @@ ADADIAG = {
     'adadiag_every50': dict(every=50),
     'adadiag_carry_rotate': dict(carry='rotate'),
     'adadiag_precision_highest': dict(precision='highest'),
+    'adadiag_ema_gram': dict(basis_source='ema_gram'),
 }
 ADAM_SNSM = {
     'adam_snsm_rank32': dict(rank=32),
