@@ -60,9 +60,10 @@ napoleon_custom_sections = [('References', 'notes_style')]
 
 # Warnings are errors (-W) and every reference must resolve (-n), except the
 # types of the libraries we build on: without network there is no inventory
-# of jax or optax to link them to.
+# of jax, optax or numpy (``jax.typing.DTypeLike`` expands to numpy types)
+# to link them to.
 nitpicky = True
-nitpick_ignore_regex = [(r'py:.*', r'(jax|optax)\..*')]
+nitpick_ignore_regex = [(r'py:.*', r'(jax|optax|numpy)\..*')]
 # Internal helpers that public docstrings and signatures mention: they are
 # not in optax_fac.__all__, so they have no page to link to.
 nitpick_ignore = [

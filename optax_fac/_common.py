@@ -157,6 +157,29 @@ def tree_f32(tree: Any) -> Any:
   return jax.tree.map(f32, tree)
 
 
+def moment_dtype(mu_dtype: Any, where: str = '') -> np.dtype:
+  """The dtype of a first-moment buffer given a ``mu_dtype`` argument.
+
+  None gives float32 (the library's float32 rule; in ``optax.adamw`` None
+  means the parameter dtype). Otherwise the floating dtype ``mu_dtype``,
+  canonicalized as ``optax`` does (float64 is float32 unless
+  ``jax_enable_x64`` is on when this is called).
+
+  Raises:
+    ValueError: if ``mu_dtype`` is not a floating-point dtype.
+  """
+  if mu_dtype is None:
+    return np.dtype(STATS_DTYPE)
+  try:
+    dtype = np.dtype(mu_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f'{where}mu_dtype must be a floating-point dtype or '
+                     f'None, got {mu_dtype!r}.')
+  return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
 def zeros(shape: Sequence[int], dtype=STATS_DTYPE) -> jax.Array:
   return jnp.zeros(tuple(shape), dtype)
 

@@ -81,18 +81,57 @@ def scale_in_float32(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def adam_fallback(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+def first_moment_read_in_float32(
+    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Runs ``inner`` with its stored first moment ``mu`` read as float32.
+
+  With a narrow ``mu_dtype``, ``optax.scale_by_adam`` multiplies β1 by the
+  stored bfloat16 μ in bfloat16 (one more rounding) before adding the
+  float32 gradient term; read as float32, the stored μ is the float32 EMA
+  rounded once to ``mu_dtype``. For a float32 μ it changes nothing.
+
+  Args:
+    inner: a transform whose state is a NamedTuple with a ``mu`` field
+      (``optax.scale_by_adam(..., mu_dtype=...)``); it casts ``mu`` back to
+      its ``mu_dtype`` itself.
+
+  Returns:
+    A transform with ``inner``'s state and updates.
+  """
+  def update_fn(updates, state, params=None):
+    return inner.update(
+        updates, state._replace(mu=_common.tree_f32(state.mu)), params)
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
+def adam_fallback(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                  *, mu_dtype: Optional[Any] = None
                   ) -> optax.GradientTransformationExtraArgs:
   """The default fallback for non-matrix leaves: Adam with float32 moments.
 
   Args:
     b1, b2: Adam's moment decays in [0, 1).
     eps: Adam's ε >= 0, added to sqrt(ν̂).
+    mu_dtype: floating dtype of the stored first moment μ (ν stays
+      float32); None = float32. Read into float32 at each step, rounded
+      once when stored.
 
   Returns:
-    ``scale_in_float32(optax.scale_by_adam(b1, b2, eps))``.
+    ``scale_in_float32(optax.scale_by_adam(b1, b2, eps, mu_dtype=...))``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_fac
+    >>> tx = optax_fac.adam_fallback(mu_dtype=jnp.bfloat16)
+    >>> state = tx.init({'b': jnp.ones(3)})
+    >>> state.mu['b'].dtype, state.nu['b'].dtype
+    (dtype(bfloat16), dtype('float32'))
   """
-  return scale_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+  if mu_dtype is None:
+    return scale_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+  dtype = _common.moment_dtype(mu_dtype, 'adam_fallback: ')
+  return scale_in_float32(first_moment_read_in_float32(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=dtype)))
 
 
 # --------------------------------------------------------------------------

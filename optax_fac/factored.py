@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import DTypeLike
 
 from optax_fac import _common
 from optax_fac import compose
@@ -106,7 +107,9 @@ class FactoredRmsState(NamedTuple):
   count: jax.Array  # shape=(), dtype=jnp.int32.
   row: Any          # per leaf: row statistic r̄ (EMA of row means, float32)
   col: Any          # per leaf: column statistic s̄ (EMA of column means)
-  mu: Any           # per leaf: full first moment M̂, or None without momentum
+  mu: Any           # per leaf: full first moment M̂ (param-shaped, dtype
+                    # ``mu_dtype``, float32 by default), or None without
+                    # momentum
 
 
 def scale_by_factored_rms(
@@ -115,7 +118,7 @@ def scale_by_factored_rms(
     eps: float = 1e-30,
     clipping_threshold: Optional[float] = None,
     *,
-    mu_dtype: Any = None,
+    mu_dtype: Optional[DTypeLike] = None,
     views: matrix.ViewSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adafactor-style factored second moment (docs/algorithms.md §1).
@@ -130,12 +133,22 @@ def scale_by_factored_rms(
 
   Leaves with ndim <= 1 are viewed as 1 x N (unfactored RMSprop on them).
 
+  Precision: r̄, s̄ and all arithmetic are float32 whatever the parameter
+  dtype (float64 under ``jax_enable_x64`` included); the update comes back
+  in the parameter dtype. The stored M̂ is in ``mu_dtype``: each step reads
+  it into float32, computes the EMA and D from the float32 value, and
+  stores that value rounded to ``mu_dtype`` (as ``optax.scale_by_adam``'s
+  ``mu_dtype``).
+
   Args:
-    b1: momentum decay, or None for no first moment.
-    b2: second-moment decay (Adam-style EMA with bias correction).
-    eps: ε₁ added to G² (float32).
-    clipping_threshold: d for update clipping; None disables it.
-    mu_dtype: dtype of the first moment (default float32).
+    b1: momentum decay in [0, 1), or None for no first moment.
+    b2: second-moment decay in [0, 1) (Adam-style EMA with bias correction).
+    eps: ε₁ >= 0 added to G² (float32).
+    clipping_threshold: d > 0 for update clipping; None disables it.
+    mu_dtype: floating dtype of the stored first moment M̂ (e.g.
+      ``jnp.bfloat16``: 2 bytes per element instead of 4); None = float32
+      (``optax.adamw``'s None means the parameter dtype; here statistics
+      are float32 by default).
     views: per-leaf :class:`optax_fac.MatrixView` override (see
       :func:`optax_fac.matrix.resolve_views`).
 
@@ -150,13 +163,14 @@ def scale_by_factored_rms(
   _common.check_unit_interval('b2', b2)
   _common.check_nonnegative('eps', eps)
   _common.check_positive('clipping_threshold', clipping_threshold, allow_none=True)
-  mu_dtype = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
+  _common.moment_dtype(mu_dtype, 'scale_by_factored_rms: ')
 
   def init_fn(params):
     _common.check_float_params(params, 'scale_by_factored_rms')
     views_tree = matrix.resolve_views(params, views, vectors=True)
     row, col = init_row_col(params, views_tree)
-    mu = None if b1 is None else optax.tree.zeros_like(params, dtype=mu_dtype)
+    mu = None if b1 is None else optax.tree.zeros_like(
+        params, dtype=_common.moment_dtype(mu_dtype))
     return FactoredRmsState(count=_common.zero_count(), row=row, col=col,
                             mu=mu)
 
@@ -177,9 +191,10 @@ def scale_by_factored_rms(
       if beta1 is None:
         numer, new_mu = g32, None
       else:
+        # Read in float32, stored rounded to the buffer's dtype (mu_dtype).
         new_mu = _common.ema(_common.f32(mu), g32, beta1)
         numer = new_mu
-        new_mu = new_mu.astype(mu_dtype)
+        new_mu = new_mu.astype(mu.dtype)
       k, l = inverse_sqrt_factors(row, col, view)
       # Clipping is defined on D = M̂ ⊙ k lᵀ, so its RMS uses the numerator.
       d = numer * (k * clip_factor(numer, k, l, view, clipping_threshold)) * l
@@ -300,6 +315,7 @@ def adafactor_momentum(
     views: matrix.ViewSpec = None,
     fallback_eps: float = 1e-8,
     stack_leaves: compose.StackLeaves = True,
+    mu_dtype: Optional[DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Factored second moment with optional momentum (docs/algorithms.md §1).
 
@@ -325,6 +341,11 @@ def adafactor_momentum(
       64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
       kernels); an int: groups of at most that many bytes; False: leaf
       by leaf.
+    mu_dtype: floating dtype of every stored first moment, as in
+      ``optax.adamw``: the matrices' M̂ (when ``b1`` is not None) and the
+      fallback Adam's μ (not its ν); e.g. ``jnp.bfloat16`` saves 2 bytes
+      per element. Read into float32 at each step and rounded when
+      stored. None = float32 (optax: the parameter dtype).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (Adafactor-style).
@@ -335,6 +356,9 @@ def adafactor_momentum(
     >>> [optax_fac.state_size(optax_fac.adafactor_momentum(1e-3, b1=b), params)
     ...  for b in (None, 0.9)]  # bytes without / with momentum, Adam on b
     [5128, 529416]
+    >>> optax_fac.state_size(  # 2 bytes less per momentum element (mn + 256)
+    ...     optax_fac.adafactor_momentum(1e-3, mu_dtype=jnp.bfloat16), params)
+    266760
 
   References:
     Shazeer & Stern, `Adafactor <https://arxiv.org/abs/1804.04235>`_, 2018;
@@ -343,12 +367,12 @@ def adafactor_momentum(
   return compose.named_optimizer(
       compose.matrix_method(
           lambda v: scale_by_factored_rms(
-              b1, b2, eps, clipping_threshold, views=v),
+              b1, b2, eps, clipping_threshold, mu_dtype=mu_dtype, views=v),
           views, stack_leaves),
       learning_rate=learning_rate, weight_decay=weight_decay,
       mask=mask, method_mask=method_mask, views=views,
       fallback=compose.adam_fallback(0.9 if b1 is None else b1, b2,
-                                     fallback_eps))
+                                     fallback_eps, mu_dtype=mu_dtype))
 
 
 sharding.register_state_rule(FactoredRmsState, {

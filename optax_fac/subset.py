@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import DTypeLike
 
 from optax_fac import _common
 from optax_fac import compose
@@ -702,8 +703,36 @@ def add_decayed_updated_weights(
 # Named optimizers.
 
 
-def _ema(b1):
-  return optax.ema(b1, debias=False, accumulator_dtype=jnp.float32)
+def _ema(b1, mu_dtype: Optional[DTypeLike] = None
+         ) -> optax.GradientTransformation:
+  """The code's EMA momentum N ← β1 N + (1 − β1) G, stored in ``mu_dtype``.
+
+  ``optax.ema(b1, debias=False)``'s state (``optax.EmaState``) and
+  arithmetic, with the stored EMA in ``mu_dtype`` (None = float32). The
+  stored buffer is read into float32, the EMA is computed and returned in
+  float32, and it is stored rounded once to ``mu_dtype`` (``optax.ema``
+  with a bfloat16 accumulator would also round β1 N to bfloat16 first).
+  For float32 it is bit-identical to ``optax.ema``.
+  """
+  _common.moment_dtype(mu_dtype)
+
+  def init_fn(params):
+    return optax.EmaState(
+        count=_common.zero_count(),
+        ema=optax.tree.zeros_like(params,
+                                  dtype=_common.moment_dtype(mu_dtype)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    decay = (b1 if isinstance(b1, (int, float))
+             else jnp.asarray(b1, jnp.float32))
+    new = jax.tree.map(lambda g, t: (1 - decay) * g + decay * _common.f32(t),
+                       updates, state.ema)
+    stored = jax.tree.map(lambda n, t: n.astype(t.dtype), new, state.ema)
+    return new, optax.EmaState(count=_common.increment(state.count),
+                               ema=stored)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _direction(momentum, b1, b2, eps, subset_size, bias_correction, views):
@@ -716,7 +745,7 @@ def _direction(momentum, b1, b2, eps, subset_size, bias_correction, views):
 
 def _sn_optimizer(momentum, b1, b2, bias_correction, *, eps, subset_size,
                   views, fallback, learning_rate, weight_decay, mask,
-                  method_mask):
+                  method_mask, mu_dtype=None):
   """partition(SN direction | fallback) -> -η_t -> decay of the updated weights.
 
   The default fallback is the same rule element-wise (subset size 1), with an
@@ -726,8 +755,8 @@ def _sn_optimizer(momentum, b1, b2, bias_correction, *, eps, subset_size,
   method = _direction(momentum, b1, b2, eps, subset_size, bias_correction,
                       views)
   if fallback is None:
-    fallback = _direction(None if momentum is None else _ema(b1), b1, b2, eps,
-                          1, bias_correction, views)
+    fallback = _direction(None if momentum is None else _ema(b1, mu_dtype),
+                          b1, b2, eps, 1, bias_correction, views)
   decay = add_decayed_updated_weights(weight_decay, learning_rate, mask)
   return compose.named_optimizer(
       method, fallback=fallback, learning_rate=learning_rate,
@@ -747,6 +776,7 @@ def adam_sn(
     subset_size: SubsetSize = 'heuristic',
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
+    mu_dtype: Optional[DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamSN (docs/algorithms.md §5.3): Adam momentum over a Subset-Norm step size.
 
@@ -774,6 +804,12 @@ def adam_sn(
     views: :class:`optax_fac.MatrixView` overrides.
     fallback: a complete scale-only direction for the other leaves (e.g.
       :func:`optax_fac.adam_fallback`); None = the code's AdamW.
+    mu_dtype: floating dtype of the stored momentum N (the matrices' and
+      the default fallback's), as ``optax.adamw``'s ``mu_dtype``; e.g.
+      ``jnp.bfloat16`` saves 2 bytes per element. It is read into float32
+      each step and the float32 EMA (which this step uses) is stored
+      rounded to ``mu_dtype``. None = float32 (optax: the parameter
+      dtype). A ``fallback`` passed in keeps its own dtypes.
 
   Returns:
     AdamSN as an ``optax.GradientTransformationExtraArgs``.
@@ -784,6 +820,9 @@ def adam_sn(
     >>> tx = optax_fac.adam_sn(learning_rate=1e-2)
     >>> optax_fac.state_size(tx, params)  # mn + m, and Adam on b
     528412
+    >>> optax_fac.state_size(  # bfloat16 momentum: 2 bytes less per mn + 256
+    ...     optax_fac.adam_sn(1e-2, mu_dtype=jnp.bfloat16), params)
+    265756
     >>> updates, state = tx.update(params, tx.init(params), params)
 
   References:
@@ -792,9 +831,10 @@ def adam_sn(
   """
   _common.check_unit_interval('b2', b2)
   return _sn_optimizer(
-      _ema(b1), b1, b2, True, eps=eps, subset_size=subset_size, views=views, fallback=fallback,
-      learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
-      method_mask=method_mask)
+      _ema(b1, mu_dtype), b1, b2, True, eps=eps, subset_size=subset_size,
+      views=views, fallback=fallback, learning_rate=learning_rate,
+      weight_decay=weight_decay, mask=mask, method_mask=method_mask,
+      mu_dtype=mu_dtype)
 
 
 def adam_snsm(
@@ -934,6 +974,7 @@ def adagrad_sn(
     subset_size: SubsetSize = 'heuristic',
     views: matrix.ViewSpec = None,
     fallback: Optional[optax.GradientTransformation] = None,
+    mu_dtype: Optional[DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaGradSN (docs/algorithms.md §5.3): EMA momentum, Subset-Norm running sum.
 
@@ -953,6 +994,12 @@ def adagrad_sn(
     subset_size: ``'heuristic'`` | int k >= 1 (structural).
     views: MatrixView overrides.
     fallback: other leaves' direction (None = element-wise AdaGradSN).
+    mu_dtype: floating dtype of the stored momentum N (the matrices' and
+      the default fallback's), as ``optax.adamw``'s ``mu_dtype``; e.g.
+      ``jnp.bfloat16`` saves 2 bytes per element. It is read into float32
+      each step and the float32 EMA (which this step uses) is stored
+      rounded to ``mu_dtype``. None = float32 (optax: the parameter
+      dtype). A ``fallback`` passed in keeps its own dtypes.
 
   Returns:
     AdaGradSN (``optax.GradientTransformationExtraArgs``).
@@ -970,9 +1017,10 @@ def adagrad_sn(
   """
   _common.check_unit_interval('b1', b1)
   return _sn_optimizer(
-      _ema(b1), b1, 1.0, False, eps=eps, subset_size=subset_size, views=views, fallback=fallback,
-      learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
-      method_mask=method_mask)
+      _ema(b1, mu_dtype), b1, 1.0, False, eps=eps, subset_size=subset_size,
+      views=views, fallback=fallback, learning_rate=learning_rate,
+      weight_decay=weight_decay, mask=mask, method_mask=method_mask,
+      mu_dtype=mu_dtype)
 
 
 # --------------------------------------------------------------------------
