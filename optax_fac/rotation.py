@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.typing import DTypeLike
 
 from optax_fac import _common
 from optax_fac import compose
@@ -1015,6 +1016,7 @@ def adadiag(
     stack_leaves: compose.StackLeaves = True,
     basis_source: str = 'gradient',
     gram_decay: float = DEFAULT_GRAM_DECAY,
+    mu_dtype: Optional[DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaDiag: Adam in the gradient's singular basis (docs/algorithms.md §3).
 
@@ -1058,6 +1060,11 @@ def adadiag(
       Gᵀ G; memory + one float32 Gram matrix per rotated side; see
       :func:`svd_rotation`). Static.
     gram_decay: β in [0, 1) of the Gram EMA (``"ema_gram"`` only; 0.95).
+    mu_dtype: floating dtype of the stored first moments (the rotated
+      Adam's and the fallback's; e.g. ``jnp.bfloat16`` saves 2 bytes per
+      parameter); None = float32. Each step reads it as float32 and stores
+      the new EMA rounded once (``optax.adamw``'s name; there None means
+      the parameter dtype).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1077,11 +1084,19 @@ def adadiag(
     Preconditioner Diagonalization <https://arxiv.org/abs/2502.07488>`_, 2025.
   """
   compose.check_moments(b1, b2, eps)
+
+  def inner(_):
+    if mu_dtype is None:
+      return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+    return compose.first_moment_read_in_float32(optax.scale_by_adam(
+        b1=b1, b2=b2, eps=eps,
+        mu_dtype=_common.moment_dtype(mu_dtype, 'adadiag: ')))
   return _rotated_named(
-      lambda _: optax.scale_by_adam(b1=b1, b2=b2, eps=eps), sides=sides,
+      inner, sides=sides,
       every=every, max_dim=max_dim, basis=basis, carry=carry,
       precision=precision, views=views, stack_leaves=stack_leaves,
-      fallback=compose.adam_fallback(b1, b2, eps), learning_rate=learning_rate,
+      fallback=compose.adam_fallback(b1, b2, eps, mu_dtype=mu_dtype),
+      learning_rate=learning_rate,
       weight_decay=weight_decay, mask=mask, method_mask=method_mask,
       basis_source=basis_source, gram_decay=gram_decay)
 
@@ -1121,6 +1136,7 @@ def adafac_diag(
     stack_leaves: compose.StackLeaves = True,
     basis_source: str = 'gradient',
     gram_decay: float = DEFAULT_GRAM_DECAY,
+    mu_dtype: Optional[DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdafacDiag: the factored second moment in the singular basis (§3).
 
@@ -1161,6 +1177,9 @@ def adafac_diag(
       Gᵀ G; memory + one float32 Gram matrix per rotated side; see
       :func:`svd_rotation`). Static.
     gram_decay: β in [0, 1) of the Gram EMA (``"ema_gram"`` only; 0.95).
+    mu_dtype: floating dtype of the stored first moments (the rotated
+      momentum, with ``b1``, and the fallback's); None = float32 (as
+      :func:`optax_fac.adafactor_momentum`'s ``mu_dtype``).
 
   Returns:
     The AdafacDiag ``optax.GradientTransformationExtraArgs``.
@@ -1178,12 +1197,12 @@ def adafac_diag(
   """
   def inner(v):
     return factored.scale_by_factored_rms(b1, b2, eps, clipping_threshold,
-                                          views=v)
+                                          views=v, mu_dtype=mu_dtype)
   return _rotated_named(
       inner, sides=sides, every=every, max_dim=max_dim, basis=basis,
       carry=carry, precision=precision, views=views, stack_leaves=stack_leaves,
       fallback=compose.adam_fallback(0.9 if b1 is None else b1, b2,
-                                     fallback_eps),
+                                     fallback_eps, mu_dtype=mu_dtype),
       learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
       method_mask=method_mask, basis_source=basis_source,
       gram_decay=gram_decay)

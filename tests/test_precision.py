@@ -185,6 +185,14 @@ MU = {
                    tuple(SHAPES)),
     'scale_by_factored_rms': (lambda mu, **kw: optax_fac.scale_by_factored_rms(
         b1=0.9, mu_dtype=mu), tuple(SHAPES)),
+    # The rotated inner Adam's μ (mn per matrix) and the fallback's.
+    'adadiag': (lambda mu, **kw: optax_fac.adadiag(1e-2, mu_dtype=mu, **kw),
+                tuple(SHAPES)),
+    'adadiag_pp': (lambda mu, **kw: optax_fac.adadiag_pp(1e-2, mu_dtype=mu,
+                                                         **kw),
+                   tuple(SHAPES)),
+    'adafac_diag': (lambda mu, **kw: optax_fac.adafac_diag(
+        1e-2, mu_dtype=mu, **kw), tuple(SHAPES)),
 }
 # Run step by step below; scale_by_factored_rms is adafactor_momentum's
 # method (stack_leaves=False), whose buffers the runs read directly.
@@ -332,3 +340,23 @@ def test_stored_momentum_is_rounded_float32_ema(name, mu_runs):
       total += sure.size
   assert seen == set(MU[name][1]), seen
   assert ambiguous <= 0.02 * total, (ambiguous, total)
+
+
+@pytest.mark.parametrize('carry', ['keep', 'rotate'])
+def test_adadiag_bfloat16_moment_follows_float32(carry):
+  """AdaDiag with a bfloat16 first moment, across a refresh (every=2, both
+  carries): the stored μ is bfloat16 and the updates stay within a few
+  bfloat16 roundings of the float32-moment run's (relative 2^-6 of the
+  largest update, far above float32 noise, far below a wrong moment)."""
+  params = _params('float32')
+  grads = {k: jnp.asarray(g, jnp.float32)
+           for k, g in _gradients(MU_SCALES).items()}
+  runs = [jax.tree.map(np.asarray, jax.jit(_steps(optax_fac.adadiag(
+      1e-2, every=2, carry=carry, mu_dtype=mu), keep_states=True))(
+          params, grads)[1]) for mu in (None, jnp.bfloat16)]
+  (ref, _), (got, states) = runs
+  assert any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(states))
+  for k in SHAPES:
+    a, b = np.asarray(ref[k], np.float64), np.asarray(got[k], np.float64)
+    assert np.all(np.isfinite(b))
+    np.testing.assert_allclose(b, a, rtol=0, atol=2**-6 * np.max(np.abs(a)))
