@@ -38,6 +38,18 @@ import optax
 from jax import lax
 
 
+def _mean(x: jax.Array, axes) -> jax.Array:
+  """``jnp.mean`` over ``axes``; zeros where they hold no element (the mean
+  of nothing is taken as 0, not 0/0 = NaN: a zero-size m x n leaf then keeps
+  finite statistics for its non-empty side)."""
+  axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+  if all(x.shape[a] for a in axes):
+    return jnp.mean(x, axis=axes)
+  kept = tuple(d for i, d in enumerate(x.shape)
+               if i not in {a % x.ndim for a in axes})
+  return jnp.zeros(kept, x.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class MatrixView:
   """Which axes of a leaf are batch, row and column axes.
@@ -105,10 +117,12 @@ class MatrixView:
     return jnp.sum(x, axis=self.rows)
 
   def row_mean(self, x: jax.Array) -> jax.Array:
-    return jnp.mean(x, axis=self.cols)
+    """Mean over the column axes; 0 where there are no columns (n = 0)."""
+    return _mean(x, self.cols)
 
   def col_mean(self, x: jax.Array) -> jax.Array:
-    return jnp.mean(x, axis=self.rows)
+    """Mean over the row axes; 0 where there are no rows (m = 0)."""
+    return _mean(x, self.rows)
 
   def expand_rows(self, r: jax.Array) -> jax.Array:
     """Broadcastable form of a row statistic against the leaf (r 1ᵀ)."""

@@ -119,6 +119,8 @@ def load_corpus(data_cfg: Mapping[str, Any], workdir: str) -> dict:
       raise FileNotFoundError(
           f'data.tokens_file={path!r} does not exist (write one with '
           'scripts/compare.py --prepare_only).')
+    print(f'Tokenizing {int(data_cfg["max_bytes"]) / 1e6:.0f} M characters '
+          f'of Python source into {path} (once) ...', flush=True)
     t0 = time.time()
     corpus = build_corpus(data_cfg)
     corpus['info']['tokenize_s'] = round(time.time() - t0, 1)
@@ -400,7 +402,11 @@ def run_sweep(config, workdir: str, names: Iterable[str],
     todo = [lr for lr in rates if not os.path.exists(
         os.path.join(workdir, 'runs', run_name(name, lr) + '.json'))]
     if not todo:
+      log(f'{name}: all {len(rates)} rates already run (skipped)')
       continue
+    if len(todo) < len(rates):
+      log(f'{name}: {len(rates) - len(todo)} of {len(rates)} rates already '
+          'run (skipped)')
     if deadline is not None and time.time() > deadline:
       log(f'deadline: {name} not started')
       continue
