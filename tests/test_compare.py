@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import compare as compare_script  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+@pytest.mark.slow  # ~1 min: four short trainings (make test runs it)
 def test_tiny_sweep_end_to_end_and_resume(tmp_path):
   workdir = str(tmp_path)
   argv = [f'--config={TINY}', f'--workdir={workdir}', '--no_progress',
