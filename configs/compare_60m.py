@@ -11,14 +11,15 @@ neighbouring rate on the side that ended closer (README), the plan the
 benchmark's issue sets (sweep small, confirm the best settings larger).
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    'compare_sweep', os.path.join(os.path.dirname(__file__),
-                                  'compare_sweep.py'))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from optax_fac.experiments import config_lib
+
+
+def _base_config():
+  return config_lib.load_config(
+      os.path.join(os.path.dirname(__file__), 'compare_sweep.py'))
+
 
 # Best rate of the small sweep first, then its closer neighbour.
 RATES = {
@@ -33,7 +34,7 @@ RATES = {
 
 
 def get_config():
-  c = _base.get_config()
+  c = _base_config()
   c.model.update(d_model=512, ffn_dim=1376, num_layers=8, num_heads=8)
   c.optimizers = tuple(RATES)
   with c.unlocked():

@@ -19,14 +19,15 @@ AdamSNSM 3e-2; README), one change at a time from the defaults:
   ``every`` (default 200) 50 and 500.
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    'compare_sweep', os.path.join(os.path.dirname(__file__),
-                                  'compare_sweep.py'))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from optax_fac.experiments import config_lib
+
+
+def _base_config():
+  return config_lib.load_config(
+      os.path.join(os.path.dirname(__file__), 'compare_sweep.py'))
+
 
 ADADIAG = {
     'adadiag_every20': dict(every=20),
@@ -44,7 +45,7 @@ ADAM_SNSM = {
 
 
 def get_config():
-  c = _base.get_config()
+  c = _base_config()
   c.optimizers = tuple(ADADIAG) + tuple(ADAM_SNSM)
   with c.unlocked():
     for label, kwargs in ADADIAG.items():

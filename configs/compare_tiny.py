@@ -5,18 +5,18 @@ chunks, sweep, summary), a 2-layer d-64 LLaMA, 1 M characters of text,
 batch 8 x 32 tokens, 20 steps.
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    'compare_sweep', os.path.join(os.path.dirname(__file__),
-                                  'compare_sweep.py'))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from optax_fac.experiments import config_lib
+
+
+def _base_config():
+  return config_lib.load_config(
+      os.path.join(os.path.dirname(__file__), 'compare_sweep.py'))
 
 
 def get_config():
-  c = _base.get_config()
+  c = _base_config()
   c.model.update(d_model=64, ffn_dim=172, num_layers=2, num_heads=2,
                  dtype='float32')
   c.data.update(max_bytes=1_000_000, seq_len=32, eval_batches=2)
