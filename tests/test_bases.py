@@ -24,6 +24,8 @@ import pytest
 import optax_fac
 from optax_fac import linalg
 
+import reference_numpy
+
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -162,15 +164,7 @@ def np_canonical_basis(g, side):
 
 def np_complete(kept, k):
   """The kept (k, r) orthonormal columns, then their canonical completion."""
-  cols = list(kept.T)
-  while len(cols) < k:
-    b = np.array(cols).T if cols else np.zeros((k, 0))
-    res = 1.0 - np.sum(b ** 2, axis=1)
-    j = int(np.flatnonzero(res >= np.exp(-1.0) * res.max())[0])
-    v = np.eye(k)[j] - b @ b[j]
-    v -= b @ (b.T @ v)
-    cols.append(v / np.linalg.norm(v))
-  return np.array(cols).T
+  return reference_numpy.canonical_completion(kept, k)
 
 
 @pytest.mark.parametrize('basis', ['eigh', 'svd'])
