@@ -57,6 +57,7 @@ import optax
 from optax_fac import memory
 from optax_fac.experiments import models
 from optax_fac.experiments import optimizers
+from optax_fac.experiments.data import resumable
 from optax_fac.experiments.data import text
 
 BASELINE = 'adamw'
@@ -143,8 +144,12 @@ def load_corpus(data_cfg: Mapping[str, Any], workdir: str) -> dict:
 def batch_table(num_tokens: int, seq_len: int, batch_size: int, steps: int,
                 seed: int) -> np.ndarray:
   """Window indices (steps, batch) of every training step (the data order)."""
-  it = text.WindowIterator(np.zeros(num_tokens, np.int32), seq_len,
-                           batch_size, seed)
+  num_windows = (int(num_tokens) - 1) // int(seq_len)
+  if num_windows < 1:
+    raise ValueError(f'Corpus of {num_tokens} tokens is shorter than one '
+                     f'window of {seq_len + 1}.')
+  # WindowIterator's order (the same StepIterator), without its token copy.
+  it = resumable.StepIterator(num_windows, batch_size, seed)
   return np.stack([it.batch_indices(s) for s in range(steps)]).astype(np.int32)
 
 
