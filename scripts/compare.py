@@ -205,7 +205,7 @@ def main(argv=None):
     if extra:
       print(f'extending edges: {extra}')
       compare.run_sweep(config, args.workdir, list(extra), extra,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, deadline=deadline)
   report(args.workdir, title)
 
 

@@ -72,6 +72,12 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
                            progress=False) == []
   assert mtimes == {f: os.path.getmtime(os.path.join(workdir, 'runs', f))
                     for f in os.listdir(os.path.join(workdir, 'runs'))}
+  # Two rates each: every best rate is on an edge, but a passed deadline
+  # (--max_seconds=0) starts no edge run either.
+  assert compare_script.edge_rates(runs, ['adamw'])
+  compare_script.main(argv + ['--extend_edges', '--max_seconds=0'])
+  assert mtimes == {f: os.path.getmtime(os.path.join(workdir, 'runs', f))
+                    for f in os.listdir(os.path.join(workdir, 'runs'))}
 
 
 def test_steps_to_reach_interpolates_and_says_none():
