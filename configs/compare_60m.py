@@ -16,10 +16,7 @@ import os
 from optax_fac.experiments import config_lib
 
 
-def _base_config():
-  return config_lib.load_config(
-      os.path.join(os.path.dirname(__file__), 'compare_sweep.py'))
-
+BASE = os.path.join(os.path.dirname(__file__), 'compare_sweep.py')
 
 # Best rate of the small sweep first, then its closer neighbour.
 RATES = {
@@ -34,7 +31,7 @@ RATES = {
 
 
 def get_config():
-  c = _base_config()
+  c = config_lib.load_config(BASE)
   c.model.update(d_model=512, ffn_dim=1376, num_layers=8, num_heads=8)
   c.optimizers = tuple(RATES)
   with c.unlocked():

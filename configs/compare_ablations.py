@@ -24,10 +24,7 @@ import os
 from optax_fac.experiments import config_lib
 
 
-def _base_config():
-  return config_lib.load_config(
-      os.path.join(os.path.dirname(__file__), 'compare_sweep.py'))
-
+BASE = os.path.join(os.path.dirname(__file__), 'compare_sweep.py')
 
 ADADIAG = {
     'adadiag_every20': dict(every=20),
@@ -45,7 +42,7 @@ ADAM_SNSM = {
 
 
 def get_config():
-  c = _base_config()
+  c = config_lib.load_config(BASE)
   c.optimizers = tuple(ADADIAG) + tuple(ADAM_SNSM)
   with c.unlocked():
     for label, kwargs in ADADIAG.items():

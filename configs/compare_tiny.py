@@ -10,13 +10,11 @@ import os
 from optax_fac.experiments import config_lib
 
 
-def _base_config():
-  return config_lib.load_config(
-      os.path.join(os.path.dirname(__file__), 'compare_sweep.py'))
+BASE = os.path.join(os.path.dirname(__file__), 'compare_sweep.py')
 
 
 def get_config():
-  c = _base_config()
+  c = config_lib.load_config(BASE)
   c.model.update(d_model=64, ffn_dim=172, num_layers=2, num_heads=2,
                  dtype='float32')
   c.data.update(max_bytes=1_000_000, seq_len=32, eval_batches=2)

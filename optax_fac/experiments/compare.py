@@ -144,12 +144,9 @@ def load_corpus(data_cfg: Mapping[str, Any], workdir: str) -> dict:
 def batch_table(num_tokens: int, seq_len: int, batch_size: int, steps: int,
                 seed: int) -> np.ndarray:
   """Window indices (steps, batch) of every training step (the data order)."""
-  num_windows = (int(num_tokens) - 1) // int(seq_len)
-  if num_windows < 1:
-    raise ValueError(f'Corpus of {num_tokens} tokens is shorter than one '
-                     f'window of {seq_len + 1}.')
   # WindowIterator's order (the same StepIterator), without its token copy.
-  it = resumable.StepIterator(num_windows, batch_size, seed)
+  it = resumable.StepIterator(text.num_windows(num_tokens, seq_len),
+                              batch_size, seed)
   return np.stack([it.batch_indices(s) for s in range(steps)]).astype(np.int32)
 
 

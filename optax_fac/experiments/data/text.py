@@ -205,6 +205,19 @@ def python_source_split(max_bytes: int, every: int = 20,
 # -- Index-based windows --------------------------------------------------------
 
 
+def num_windows(num_tokens: int, seq_len: int) -> int:
+  """Windows of ``seq_len + 1`` tokens (overlapping by one) in ``num_tokens``.
+
+  Raises:
+    ValueError: if not even one window fits.
+  """
+  n = (int(num_tokens) - 1) // int(seq_len)
+  if n < 1:
+    raise ValueError(f'Corpus of {num_tokens} tokens is shorter than one '
+                     f'window of {int(seq_len) + 1}.')
+  return n
+
+
 class WindowIterator(resumable.StepIterator):
   """Batches of windows of a token array; the batch at step s depends on s only.
 
@@ -216,10 +229,7 @@ class WindowIterator(resumable.StepIterator):
                seed: int = 0, shuffle: bool = True):
     self.tokens = np.asarray(tokens, np.int32)
     self.seq_len = int(seq_len)
-    self.num_windows = (len(self.tokens) - 1) // self.seq_len
-    if self.num_windows < 1:
-      raise ValueError(f'Corpus of {len(self.tokens)} tokens is shorter than '
-                       f'one window of {self.seq_len + 1}.')
+    self.num_windows = num_windows(len(self.tokens), self.seq_len)
     super().__init__(self.num_windows, batch_size, seed, shuffle)
 
   def batch_at(self, step: int) -> dict:
