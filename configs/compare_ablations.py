@@ -11,8 +11,9 @@ AdamSNSM 3e-2; README), one change at a time from the defaults:
 * AdaDiag's refresh period ``every`` (default 200): 20 and 50;
 * ``carry='rotate'`` (the moments rotated into each new basis) instead of
   ``'keep'`` (default, the paper's code);
-* rotation matmuls at ``precision='highest'`` (full float32) instead of the
-  backend's default (TF32-class on NVIDIA GPUs);
+* rotation matmuls at ``precision='highest'`` (full float32) and at
+  ``precision='bf16'`` (bfloat16 operands, float32 accumulation) instead of
+  the backend's default (TF32 on NVIDIA GPUs);
 * the basis from EMAs of the Gram matrices (``basis_source='ema_gram'``,
   SOAP's idea, β = 0.95) instead of the refresh step's gradient;
 * AdamSNSM's rank (default 128 here: 1/2 of d) 32 and 64, and its period
@@ -31,6 +32,7 @@ ADADIAG = {
     'adadiag_every50': dict(every=50),
     'adadiag_carry_rotate': dict(carry='rotate'),
     'adadiag_precision_highest': dict(precision='highest'),
+    'adadiag_precision_bf16': dict(precision='bf16'),
     'adadiag_ema_gram': dict(basis_source='ema_gram'),
 }
 ADAM_SNSM = {

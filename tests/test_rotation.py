@@ -175,6 +175,33 @@ def test_two_sided_first_step_is_polar_factor_float64():
   np.testing.assert_allclose(np.asarray(d), -u @ vt, atol=2e-5)
 
 
+def test_bf16_precision_rounds_operands_and_accumulates_in_float32():
+  rng = np.random.default_rng(5)
+  a = rng.normal(size=(64, 48)).astype(np.float32)
+  b = rng.normal(size=(48, 32)).astype(np.float32)
+  dims = (((1,), (0,)), ((), ()))
+  got = rotation._dot(jnp.asarray(a), jnp.asarray(b), dims,
+                      lambda: (None, None), rotation.BF16_OPERANDS)
+  assert got.dtype == jnp.float32
+  bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(np.asarray(got), bf(a) @ bf(b), rtol=1e-5,
+                             atol=1e-5)
+  full = a.astype(np.float64) @ b.astype(np.float64)
+  assert np.abs(np.asarray(got) - full).max() > 1e-3  # really rounded
+  # End to end: the named optimizer's update is close to full float32.
+  params = {'w': jnp.zeros((24, 16)), 'b': jnp.zeros((16,))}
+  grads = {'w': jnp.asarray(rng.normal(size=(24, 16)), jnp.float32),
+           'b': jnp.ones((16,))}
+  ups = {}
+  for precision in ('highest', 'bf16'):
+    tx = optax_fac.adadiag(learning_rate=1.0, precision=precision)
+    ups[precision], _ = tx.update(grads, tx.init(params), params)
+  w_hi, w_bf = np.asarray(ups['highest']['w']), np.asarray(ups['bf16']['w'])
+  assert np.isfinite(w_bf).all()
+  np.testing.assert_allclose(w_bf, w_hi, atol=3e-2 * np.abs(w_hi).max())
+  assert not np.array_equal(w_bf, w_hi)
+
+
 @pytest.mark.parametrize('sides', ['one', 'two'])
 def test_eigh_and_svd_bases_give_the_same_updates(sides):
   # Two-sided: square matrices only (for m != n the complement of the
