@@ -12,7 +12,9 @@ rate of its grid (config.sweep; --lrs=1e-3,3e-3 overrides for all), skipping
 runs whose result file exists (an interrupted sweep resumes), then writes
 WORKDIR/summary.json (rows of the table: best rate, final validation loss,
 steps and wall-clock to adamw's final validation loss, state bytes, step
-time), WORKDIR/table.md and WORKDIR/valid_loss.png. --extend_edges adds, for
+time), WORKDIR/table.md and WORKDIR/valid_loss.png; ablations (variants run
+at one rate, configs/compare_ablations.py) go to WORKDIR/ablations.md, each
+beside its base optimizer and adamw. --extend_edges adds, for
 each optimizer whose best rate is the smallest or largest of its grid, the
 next rate beyond it (x1/3 or x3), once. --workers=N runs N processes that
 share one GPU (optimizers dealt out in turn; one compiles while another
@@ -117,18 +119,33 @@ def report(workdir, title):
   if not any(r['optimizer'] == compare.BASELINE for r in runs):
     print(f'no {compare.BASELINE} run yet in {workdir}/runs: no table')
     return
-  rows = compare.summarize(runs, timing=compare.read_timing(workdir))
+  timing = compare.read_timing(workdir)
+  ablations = [r for r in runs if compare.ablation_of(r)]
+  sweep = [r for r in runs if not compare.ablation_of(r)]
+  rows = compare.summarize(sweep, timing=timing)
   table = compare.markdown_table(rows)
   first = runs[0]
+  summary = {'rows': rows, 'environment': first['environment'],
+             'corpus': first['corpus'], 'config': first['config'],
+             'num_runs': len(runs)}
   with open(os.path.join(workdir, 'table.md'), 'w') as f:
     f.write(table + '\n')
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump({'rows': rows, 'environment': first['environment'],
-               'corpus': first['corpus'], 'config': first['config'],
-               'num_runs': len(runs)}, f, indent=1)
   print(table)
+  if ablations:
+    # Each ablation beside its base optimizer's best run and adamw's.
+    bases = {compare.BASELINE} | {compare.ablation_of(r) for r in ablations}
+    summary['ablation_rows'] = compare.summarize(
+        [r for r in sweep if r['optimizer'] in bases] + ablations,
+        timing=timing)
+    ablation_table = compare.markdown_table(summary['ablation_rows'])
+    with open(os.path.join(workdir, 'ablations.md'), 'w') as f:
+      f.write(ablation_table + '\n')
+    print(f'ablations ({len(ablations)} runs, {workdir}/ablations.md):')
+    print(ablation_table)
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
   try:
-    out = compare.plot(runs, os.path.join(workdir, 'valid_loss.png'), title)
+    out = compare.plot(sweep, os.path.join(workdir, 'valid_loss.png'), title)
     print(f'plot: {out}')
   except ImportError:
     print('matplotlib is not installed: no plot.')

@@ -197,3 +197,28 @@ def test_table_says_when_a_sweep_is_incomplete():
   assert [r['rates_planned'] for r in rows] == [3, 3]
   table = compare.markdown_table(rows)
   assert table.count('sweep incomplete: 1 of 3 rates') == 1
+
+
+def test_ablations_get_their_own_table_beside_their_base(tmp_path, capsys):
+  # Three committed run files of the sweep: adamw, adadiag (swept over three
+  # rates) and one ablation of adadiag (one rate).
+  src = os.path.join(ROOT, 'results', 'compare_sweep', 'runs')
+  os.makedirs(tmp_path / 'runs')
+  names = ('adamw__lr3e-3', 'adadiag__lr3e-3', 'adadiag_every20__lr3e-3')
+  runs = {}
+  for n in names:
+    with open(os.path.join(src, n + '.json')) as f:
+      runs[n] = json.load(f)
+    with open(tmp_path / 'runs' / (n + '.json'), 'w') as f:
+      json.dump(runs[n], f)
+  assert [compare.ablation_of(runs[n]) for n in names] == [None, None,
+                                                          'adadiag']
+  compare_script.report(str(tmp_path), 'test')
+  table = (tmp_path / 'table.md').read_text()
+  assert '| adadiag |' in table and 'adadiag_every20' not in table
+  ablations = (tmp_path / 'ablations.md').read_text()
+  for label in ('adamw', 'adadiag', 'adadiag_every20'):
+    assert f'| {label} |' in ablations
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert [r['optimizer'] for r in summary['rows']] == ['adamw', 'adadiag']
+  assert len(summary['ablation_rows']) == 3

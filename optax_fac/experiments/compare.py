@@ -508,6 +508,23 @@ def steps_to_reach(evals: Sequence[Mapping[str, float]],
   return None
 
 
+def ablation_of(run: Mapping[str, Any]) -> Optional[str]:
+  """The optimizer an ablation run varies, or None for a sweep run.
+
+  An ablation is a variant (``config.variants``) trained at one rate only
+  (its sweep grid in the run's own config has one entry: the base
+  optimizer's best rate), as configs/compare_ablations.py writes them; a
+  variant swept over several rates (``adafactor_momentum_b1none``) is an
+  optimizer of the sweep.
+  """
+  config = run.get('config') or {}
+  label = run['optimizer']
+  variant = (config.get('variants') or {}).get(label)
+  if variant is None or len((config.get('sweep') or {}).get(label, ())) != 1:
+    return None
+  return variant['optimizer']
+
+
 def best_runs(runs: Sequence[dict]) -> dict:
   """name -> the run with the lowest final validation loss (finite first)."""
   best = {}
