@@ -172,8 +172,8 @@ def rotated_sides(shape: Sequence[int], view: Optional[matrix.MatrixView] = None
 
 
 # ``precision="bf16"``: operands rounded to bfloat16, products accumulated in
-# float32 (the tensor-core bf16 path on any backend; JAX's own "bfloat16"
-# precision string means DEFAULT, which is TF32 for float32 on NVIDIA GPUs).
+# float32 (JAX's own "bfloat16" precision string means DEFAULT, which is TF32
+# for float32 operands on NVIDIA GPUs).
 BF16_OPERANDS = 'bf16'
 
 
@@ -184,7 +184,7 @@ def _dot(lhs, rhs, dims, out_spec_fn, precision):
   bfloat16 first."""
   out_sharding = jax.P(*out_spec_fn()) if matrix.explicit_mesh() else None
   out_dtype = lhs.dtype
-  if isinstance(precision, str) and precision == BF16_OPERANDS:
+  if precision == BF16_OPERANDS:
     lhs, rhs, precision = (lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16),
                            None)
   return lax.dot_general(lhs, rhs, dims, precision=precision,
@@ -652,8 +652,9 @@ def svd_rotation(
     precision: ``lax.dot_general`` precision of the rotation matmuls. None =
       JAX's default (TF32 on recent NVIDIA GPUs, bf16 passes on TPU, full
       float32 on CPU); "highest" for full float32 everywhere; "bf16" for
-      operands rounded to bfloat16 with float32 accumulation (the bf16
-      tensor-core rate on GPUs; relative error ~2⁻⁸ per operand). The Gram
+      operands rounded to bfloat16 with float32 accumulation (relative
+      rounding error up to 2⁻⁸ per operand; its speed is not measured
+      yet). The Gram
       matrices of the refresh always use full float32.
     basis_dtype: dtype of P, Q and of the rotation arithmetic (float32).
     views: per-leaf :class:`optax_fac.MatrixView` override. Batch axes

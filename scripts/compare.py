@@ -120,8 +120,9 @@ def report(workdir, title):
     print(f'no {compare.BASELINE} run yet in {workdir}/runs: no table')
     return
   timing = compare.read_timing(workdir)
-  ablations = [r for r in runs if compare.ablation_of(r)]
-  sweep = [r for r in runs if not compare.ablation_of(r)]
+  sweep, ablations = [], []
+  for r in runs:
+    (ablations if compare.ablation_of(r) else sweep).append(r)
   rows = compare.summarize(sweep, timing=timing)
   table = compare.markdown_table(rows)
   first = runs[0]

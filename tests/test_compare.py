@@ -199,7 +199,7 @@ def test_table_says_when_a_sweep_is_incomplete():
   assert table.count('sweep incomplete: 1 of 3 rates') == 1
 
 
-def test_ablations_get_their_own_table_beside_their_base(tmp_path, capsys):
+def test_ablations_get_their_own_table_beside_their_base(tmp_path):
   # Three committed run files of the sweep: adamw, adadiag (swept over three
   # rates) and one ablation of adadiag (one rate).
   src = os.path.join(ROOT, 'results', 'compare_sweep', 'runs')
