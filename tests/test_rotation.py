@@ -445,7 +445,7 @@ def test_carry_rotate_needs_a_first_moment():
 @pytest.mark.parametrize('kwargs,name', [
     (dict(sides='three'), 'sides'), (dict(basis='qr'), 'basis'),
     (dict(carry='reset'), 'carry'), (dict(every=0), 'every'),
-    (dict(max_dim=-1), 'max_dim')])
+    (dict(max_dim=-1), 'max_dim'), (dict(precision='fp32'), 'precision')])
 def test_bad_arguments_are_named(kwargs, name):
   with pytest.raises(ValueError, match=name):
     optax_fac.svd_rotation(optax.scale_by_adam(), **kwargs)
