@@ -18,15 +18,17 @@ from optax_fac.experiments import config_lib
 
 BASE = os.path.join(os.path.dirname(__file__), 'compare_sweep.py')
 
-# Best rate of the small sweep first, then its closer neighbour.
+# Best rate of the small sweep first, then its closer neighbour. Where the
+# better of the two at 60M was on the edge (adamw, muon, adadiag, smmf,
+# hfac), the range is widened one step further, as the sweep does.
 RATES = {
-    'adamw': (3e-3, 1e-3),
-    'muon': (1e-2, 3e-3),
+    'adamw': (3e-3, 1e-3, 3e-4),
+    'muon': (1e-2, 3e-3, 1e-3),
     'adam_snsm': (3e-2, 1e-2),
-    'adadiag': (3e-3, 1e-3),
-    'smmf': (3e-3, 1e-3),
+    'adadiag': (3e-3, 1e-3, 3e-4),
+    'smmf': (3e-3, 1e-3, 3e-4),
     'adafactor_momentum': (3e-3, 1e-3),
-    'hfac': (1e-3, 3e-3),
+    'hfac': (1e-3, 3e-3, 3e-4),
 }
 
 
