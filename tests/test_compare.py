@@ -222,3 +222,54 @@ def test_ablations_get_their_own_table_beside_their_base(tmp_path):
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert [r['optimizer'] for r in summary['rows']] == ['adamw', 'adadiag']
   assert len(summary['ablation_rows']) == 3
+
+
+def test_runs_on_different_corpora_are_refused(tmp_path):
+  def run(name, lr, digest):
+    return {'optimizer': name, 'learning_rate': lr, 'steps': 10,
+            'final_valid_loss': 2.0, 'diverged': False,
+            'eval': [{'step': 10, 'valid_loss': 2.0}], 'state_bytes': 8,
+            'step_time_s': 0.01, 'corpus': {'sha256_16': digest}}
+  same = [run('adamw', 1e-3, 'aaaa'), run('hfac', 1e-3, 'aaaa')]
+  compare.check_one_corpus(same)
+  compare.check_one_corpus(same, 'aaaa')
+  assert len(compare.summarize(same)) == 2
+  mixed = same + [run('smmf', 3e-3, 'bbbb')]
+  with pytest.raises(ValueError, match=r'2 different corpora.*bbbb: smmf lr '
+                     r'0\.003'):
+    compare.summarize(mixed)
+  with pytest.raises(ValueError, match=r'cccc: the new run'):
+    compare.check_one_corpus(same, 'cccc')
+  # A sweep refuses to add a run on another corpus before training anything.
+  os.makedirs(tmp_path / 'runs')
+  with open(tmp_path / 'runs' / 'adamw__lr1e-3.json', 'w') as f:
+    json.dump(run('adamw', 1e-3, 'aaaa'), f)
+  config = config_lib.load_config(TINY)
+  compare.load_corpus(config.data, str(tmp_path))  # writes tokens.npz
+  with pytest.raises(ValueError, match='different corpora'):
+    compare.run_sweep(config, str(tmp_path), ['hfac'], {'hfac': [1e-3]},
+                      progress=False)
+  assert os.listdir(tmp_path / 'runs') == ['adamw__lr1e-3.json']
+
+
+def test_corpus_records_the_package_versions_it_read():
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  from optax_fac.experiments.data import text  # pylint: disable=g-import-not-at-top
+  root = sysconfig.get_paths()['purelib']
+  stdlib = sysconfig.get_paths()['stdlib']
+  paths = [os.path.join(root, 'numpy', 'linalg', 'x.py'),
+           os.path.join(root, 'optax', '__init__.py'),
+           os.path.join(root, 'zz_no_such_module.py'),
+           os.path.join(stdlib, 'json', '__init__.py')]
+  assert text.package_versions(paths) == {
+      'numpy': importlib.metadata.version('numpy'),
+      'optax': importlib.metadata.version('optax'),
+      'zz_no_such_module': '?'}
+  # The tiny config reads the stdlib alone: no package, the Python version.
+  config = config_lib.load_config(TINY)
+  info = compare.build_corpus(config.data)['info']
+  assert info['packages'] == {} and info['python'] and info['train_files']
+  *_, kept = text.python_source_split(int(config.data.max_bytes),
+                                      int(config.data.every), True)
+  assert kept and all(p.startswith(stdlib) for p in kept)

@@ -77,10 +77,12 @@ def build_corpus(data_cfg: Mapping[str, Any]) -> dict:
 
   Returns:
     ``{'train': uint16/int32 (n,), 'valid': (m,), 'info': {...}}``; info
-    records the Python version, file counts, characters and tokens.
+    records the Python version, file counts, characters, tokens and
+    ``packages`` (``{distribution: version}`` of every installed package
+    whose source was read: what rebuilding the same corpus needs).
   """
   tok = text.make_tokenizer(data_cfg['tokenizer'])
-  train_texts, valid_texts, copies = text.python_source_split(
+  train_texts, valid_texts, copies, paths = text.python_source_split(
       int(data_cfg['max_bytes']), int(data_cfg['every']),
       bool(data_cfg.get('site_packages', True)))
   dtype = np.uint16 if tok.vocab_size <= 2**16 else np.int32
@@ -97,7 +99,9 @@ def build_corpus(data_cfg: Mapping[str, Any]) -> dict:
       train_chars=sum(map(len, train_texts)),
       valid_chars=sum(map(len, valid_texts)),
       train_tokens=int(train.size), valid_tokens=int(valid.size),
-      max_bytes=int(data_cfg['max_bytes']), every=int(data_cfg['every']))
+      max_bytes=int(data_cfg['max_bytes']), every=int(data_cfg['every']),
+      python=platform.python_version(),
+      packages=text.package_versions(paths))
   return {'train': train, 'valid': valid, 'info': info}
 
 
@@ -397,6 +401,7 @@ def run_sweep(config, workdir: str, names: Iterable[str],
       with each run: its step time is then not its own).
   """
   corpus = load_corpus(config.data, workdir)
+  check_one_corpus(read_runs(workdir), corpus['info']['sha256_16'])
   os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
   written = []
   for name in names:
@@ -489,6 +494,39 @@ def read_runs(workdir: str) -> list[dict]:
   return out
 
 
+def check_one_corpus(runs: Sequence[dict],
+                     digest: Optional[str] = None) -> None:
+  """Refuses runs made on different corpora (their losses do not compare).
+
+  The corpus is named by its tokens' digest (``corpus.sha256_16``); the
+  Python-source corpus changes with any installed package's version, so
+  runs from two environments can differ in their data without a word.
+
+  Args:
+    runs: run results (:func:`read_runs`).
+    digest: the corpus a new run is about to use, if any.
+
+  Raises:
+    ValueError: naming each digest and the runs (optimizer, rate) made on it.
+  """
+  by_digest = {}
+  for r in runs:
+    d = (r.get('corpus') or {}).get('sha256_16')
+    by_digest.setdefault(d, []).append(
+        f"{r['optimizer']} lr {r['learning_rate']:g}")
+  if digest is not None:
+    by_digest.setdefault(digest, []).insert(0, 'the new run')
+  if len(by_digest) > 1:
+    listing = '; '.join(f'{d}: {", ".join(names[:4])}'
+                        + (f' and {len(names) - 4} more' if len(names) > 4
+                           else '')
+                        for d, names in by_digest.items())
+    raise ValueError(
+        f'Runs on {len(by_digest)} different corpora (tokens digest: runs) '
+        f'cannot be compared: {listing}. Use one tokens.npz for a workdir '
+        '(data.tokens_file), or a new workdir.')
+
+
 def steps_to_reach(evals: Sequence[Mapping[str, float]],
                    target: float) -> Optional[float]:
   """The first step where the validation loss is <= ``target``.
@@ -553,7 +591,12 @@ def summarize(runs: Sequence[dict], baseline: str = BASELINE,
   hidden_state_ratio (on the hidden matrices alone), step_time_s,
   step_time_ratio, wall_to_baseline_s (steps_to_baseline x step time),
   diverged_rates.
+
+  Raises:
+    ValueError: no ``baseline`` run, or runs on different corpora
+      (:func:`check_one_corpus`).
   """
+  check_one_corpus(runs)
   best = best_runs(runs)
   if baseline not in best:
     raise ValueError(f'No {baseline!r} run: the comparison needs its final '

@@ -167,12 +167,16 @@ def python_source_split(max_bytes: int, every: int = 20,
   sorted path order; a file whose text is byte-identical to an earlier one
   (vendored copies) is skipped, so no text is both in training and
   validation. Every ``every``-th kept file is held out; reading stops once
-  ``max_bytes`` characters are kept. Deterministic for a given Python and set
-  of installed packages (record what a run used: the benchmark stores the
-  counts and a digest of the tokens).
+  ``max_bytes`` characters are kept. pip's editable-install finders
+  (``__editable__*.py``, which hold the checkout's absolute path) are left
+  out. Deterministic for a given Python and set of installed package
+  versions, and only for those: a newer release of any package read changes
+  the text (record what a run used: :func:`package_versions` of the returned
+  paths; the benchmark stores them with a digest of the tokens).
 
   Returns:
-    ``(train texts, validation texts, number of files skipped as copies)``.
+    ``(train texts, validation texts, number of files skipped as copies,
+    paths of the files kept, in reading order)``.
   """
   paths = sysconfig.get_paths()
   stdlib = [f for f in sorted(glob.glob(os.path.join(
@@ -181,9 +185,10 @@ def python_source_split(max_bytes: int, every: int = 20,
   files = list(stdlib)
   if site_packages:
     for root in dict.fromkeys((paths['purelib'], paths['platlib'])):
-      files += sorted(glob.glob(os.path.join(root, '**', '*.py'),
-                                recursive=True))
-  seen, train, valid, total, copies = set(), [], [], 0, 0
+      files += [f for f in sorted(glob.glob(os.path.join(root, '**', '*.py'),
+                                            recursive=True))
+                if not os.path.basename(f).startswith('__editable__')]
+  seen, train, valid, total, copies, kept = set(), [], [], 0, 0, []
   for f in files:
     try:
       with open(f, encoding='utf-8') as fh:
@@ -196,10 +201,48 @@ def python_source_split(max_bytes: int, every: int = 20,
       continue
     seen.add(digest)
     (valid if len(seen) % every == 1 else train).append(content)
+    kept.append(f)
     total += len(content)
     if total >= max_bytes:
       break
-  return train, valid, copies
+  return train, valid, copies, kept
+
+
+def package_versions(paths: Sequence[str]) -> dict[str, str]:
+  """``{distribution: version}`` of the installed packages ``paths`` lie in.
+
+  A path under ``site-packages`` belongs to the distribution that provides
+  its top-level module (``importlib.metadata.packages_distributions``);
+  stdlib paths are not counted (the Python version names them). A module
+  no installed distribution declares is listed under its own name with
+  version ``'?'``.
+
+  >>> import sysconfig, os
+  >>> root = sysconfig.get_paths()['purelib']
+  >>> 'numpy' in package_versions([os.path.join(root, 'numpy', 'core.py')])
+  True
+  """
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  top_to_dist = importlib.metadata.packages_distributions()
+  roots = dict.fromkeys(os.path.abspath(r) + os.sep for r in (
+      sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']))
+  out = {}
+  for p in paths:
+    p = os.path.abspath(p)
+    root = next((r for r in roots if p.startswith(r)), None)
+    if root is None:
+      continue
+    top = p[len(root):].split(os.sep)[0]
+    top = top[:-3] if top.endswith('.py') else top
+    for dist in top_to_dist.get(top, ()) or (None,):
+      if dist is None:
+        out.setdefault(top, '?')
+        continue
+      try:
+        out[dist] = importlib.metadata.version(dist)
+      except importlib.metadata.PackageNotFoundError:
+        out[dist] = '?'
+  return dict(sorted(out.items(), key=lambda kv: kv[0].lower()))
 
 
 # -- Index-based windows --------------------------------------------------------
