@@ -19,9 +19,8 @@ BASE = os.path.join(os.path.dirname(__file__), 'compare_sweep.py')
 
 # Three rates each, the one expected best first (a call cut short by its
 # deadline has then run it): the small sweep's best and its neighbours,
-# shifted where the first 60M runs (results/compare_60m_corpus1, an earlier
-# corpus) put the best on an edge. One Trainer per optimizer compiles once
-# for all its rates.
+# shifted where the first 60M runs put the best on an edge. One Trainer per
+# optimizer compiles once for all its rates.
 RATES = {
     'adamw': (1e-3, 3e-3, 3e-4),
     'muon': (3e-3, 1e-2, 1e-3),
