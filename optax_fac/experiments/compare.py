@@ -685,48 +685,69 @@ def read_timing(workdir: str) -> dict:
 
 def plot(runs: Sequence[dict], out: str, title: str = '') -> str:
   """Validation-loss curves of each optimizer's best run, and final
-  validation loss against the learning rate (every run)."""
+  validation loss against the learning rate (every run).
+
+  One colour per optimizer (up to 20 distinct), one legend for both panels.
+  On the sweep panel a run that ended above the axis (or diverged) is a
+  triangle on its top edge, so no run is silently off the plot.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   best = best_runs(runs)
   rows = summarize(runs) if BASELINE in best else [
       {'optimizer': n} for n in best]
-  fig, (ax_c, ax_lr) = plt.subplots(1, 2, figsize=(13, 5))
+  fig, (ax_c, ax_lr) = plt.subplots(1, 2, figsize=(15, 5.5))
   finite = [r['final_valid_loss'] for r in best.values()
             if np.isfinite(r['final_valid_loss'])]
+  lo = min(finite) if finite else None
+  top = (min(lo + 0.6, max(finite) + 0.1) if finite else None)
+  # The first ten: tab10's colours, solid; the next ten: the light shade of
+  # each, dashed (tab20 pairs them); then around again.
+  cmap = plt.get_cmap('tab20')
+  handles = []
   for i, row in enumerate(rows):
     r = best[row['optimizer']]
-    color, style = f'C{i % 10}', '-' if i < 10 else '--'
+    color = cmap((2 * (i % 10) + (i // 10) % 2) / 20 + 1 / 40)
+    style = '-' if (i // 10) % 2 == 0 else '--'
     steps = [e['step'] for e in r['eval']]
     vals = [e['valid_loss'] for e in r['eval']]
-    ax_c.plot(steps, vals, style, color=color, lw=1.4,
-              label=f'{r["optimizer"]} (lr {r["learning_rate"]:g})')
+    (h,) = ax_c.plot(steps, vals, style, color=color, lw=1.4,
+                     label=f'{r["optimizer"]} (lr {r["learning_rate"]:g})')
+    handles.append(h)
     sweep = sorted((x['learning_rate'], x['final_valid_loss']) for x in runs
                    if x['optimizer'] == r['optimizer'])
-    ax_lr.plot(*zip(*sweep), style + 'o', color=color, label=r['optimizer'])
+    lrs = np.array([x for x, _ in sweep])
+    vals = np.array([y for _, y in sweep], dtype=float)
+    above = ~np.isfinite(vals) | ((vals > top) if top is not None else False)
+    ax_lr.plot(lrs, np.where(above, top if top is not None else np.nan,
+                             vals), style, color=color, lw=1.2, alpha=0.8)
+    ax_lr.plot(lrs[~above], vals[~above], 'o', color=color, ms=5)
+    ax_lr.plot(lrs[above], np.full(above.sum(), top if top else np.nan),
+               '^', color=color, ms=7, clip_on=False)
   if BASELINE in best:
     target = best[BASELINE]['final_valid_loss']
-    ax_c.axhline(target, color='k', lw=0.8, ls=':',
-                 label="adamw's final validation loss")
+    handles.append(ax_c.axhline(target, color='k', lw=0.8, ls=':',
+                                label="adamw's final validation loss"))
+    ax_lr.axhline(target, color='k', lw=0.8, ls=':')
   if finite:
-    lo = min(finite)
-    ax_c.set_ylim(lo - 0.05, lo + 1.0)
-    ax_lr.set_ylim(lo - 0.05, lo + 1.0)
+    ax_c.set_ylim(lo - 0.05, max(finite) + 0.3)
+    ax_lr.set_ylim(lo - 0.05, top)
   ax_c.set_xlabel('step')
   ax_c.set_ylabel('validation loss')
   ax_c.set_title('best learning rate of each optimizer')
   ax_lr.set_xscale('log')
   ax_lr.set_xlabel('peak learning rate')
   ax_lr.set_ylabel('final validation loss')
-  ax_lr.set_title('learning-rate sweep')
+  ax_lr.set_title('learning-rate sweep (\u25b2: above the axis or diverged)')
   for ax in (ax_c, ax_lr):
     ax.grid(alpha=0.3)
-  ax_c.legend(fontsize=7, ncol=2, loc='upper right')
-  ax_lr.legend(fontsize=7, ncol=2, loc='upper left')
+  fig.subplots_adjust(left=0.05, right=0.79, bottom=0.1, top=0.86,
+                      wspace=0.2)
+  fig.legend(handles=handles, fontsize=8, loc='center left',
+             bbox_to_anchor=(0.8, 0.48), frameon=False)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=110)
   plt.close(fig)
