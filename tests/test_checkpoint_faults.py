@@ -172,6 +172,47 @@ def test_smmf_kernel_path_keeps_the_state_layout(kwargs, monkeypatch):
             == [(x.shape, x.dtype) for x in jax.tree.leaves(init_on)])
 
 
+# A state the GPU kernel wrote (scripts/smmf_gpu_state.py on an H200, the
+# file committed): restored on this CPU into the template its own init
+# builds, it continues under the array code to within float32 rounding of
+# the GPU's own continuation with the kernel.
+GPU_STATE = os.path.join(ROOT, 'tests', 'data', 'smmf_gpu_state.npz')
+
+
+def test_state_written_by_the_gpu_kernel_restores_on_cpu_and_continues():
+  sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+  smmf_gpu_state = importlib.import_module('smmf_gpu_state')
+  with np.load(GPU_STATE) as f:
+    data = {k: f[k] for k in f.files}
+  info = json.loads(str(data['info']))
+  assert info['platform'] == 'gpu' and info['kernel_in_compiled_step'], info
+  tx = smmf_gpu_state.make(True)
+  params = smmf_gpu_state.params0()
+  template = (params, tx.init(params))
+  assert str(jax.tree.structure(template)) == info['treedef']
+  leaves = jax.tree.leaves(template)
+  saved = [data[f'saved_{i:03d}'] for i in range(len(leaves))]
+  assert len(saved) == len([k for k in data if k.startswith('saved_')])
+  for i, (x, y) in enumerate(zip(leaves, saved)):
+    assert (x.shape, x.dtype) == (y.shape, y.dtype), i
+  restored = jax.tree.unflatten(jax.tree.structure(template),
+                                [jnp.asarray(x) for x in saved])
+  start = info['save_at'] + 1
+  end = info['save_at'] + info['continue_steps']
+  p_cpu, _ = smmf_gpu_state.run(tx, *restored, start, end)
+  p_saved = restored[0]
+  for i, (name, x) in enumerate(sorted(p_cpu.items())):
+    gpu = data[f'kernel_{i:03d}']
+    moved = np.max(np.abs(gpu - np.asarray(p_saved[name])))
+    assert moved > 1e-3, name  # the continuation changed the params
+    # float32 rounding (a few ulps of the params, 1e-5 of what the steps
+    # moved them), not a changed step: a flipped sign bit or a misread
+    # factor moves an entry by about its whole update.
+    np.testing.assert_allclose(np.asarray(x), gpu,
+                               rtol=4 * np.finfo(np.float32).eps,
+                               atol=1e-5 * moved, err_msg=name)
+
+
 # --------------------------------------------------------------------------
 # Mismatched checkpoints: the Checkpointer of scripts/train.py.
 
