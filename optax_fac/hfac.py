@@ -235,7 +235,10 @@ def hfac(
   3e-3) H-Fac's best peak rate was 1e-3, 3e-3 ended 5% worse, 3e-4 27%
   worse and 1e-2 diverged; at its best rate it ended 9.7% above AdamW's
   validation loss (the factored second moment with full momentum,
-  :func:`optax_fac.adafactor_momentum`, ended within 0.2%).
+  :func:`optax_fac.adafactor_momentum`, ended within 0.2%). On GaLore's
+  LLaMA-60M (same data and schedule, AdamW best at 1e-3) the best rate was
+  again 1e-3: 3e-3 stalled (+45% over 1e-3), 3e-4 ended 15% worse, and H-Fac
+  ended 6.0% above AdamW. Range that works: 1e-3, within a factor of 3.
 
   Args:
     learning_rate: η >= 0, a float or an optax schedule.
