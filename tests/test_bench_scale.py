@@ -197,3 +197,22 @@ def test_temp_values_parses_a_buffer_assignment():
   assert total == 96
   assert values == [('concatenate_fusion', 64, 32, 'f32[2,8]{1,0}'),
                     ('fusion.3', 32, 0, 'f32[8]{0}')]
+
+
+def test_refresh_schedule_times_one_period(tmp_path):
+  """scripts/bench_refresh_schedule.py on the tiny tree, period 4."""
+  out = tmp_path / 'schedule.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'scripts' / 'bench_refresh_schedule.py'),
+       '--model=tiny', '--optimizer=adadiag:stagger=True', '--every=4',
+       '--adamw_steps=2', f'--out={out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads(out.read_text())
+  assert doc['optimizer'] == 'adadiag:stagger=True:every=4'
+  assert doc['steps_timed'] == 4 and doc['complete_period']
+  assert doc['periods'] == 2 and len(doc['step_ms']) == 4
+  assert doc['max_ms'] == max(doc['step_ms']) and doc['adamw_ms'] > 0
+  assert doc['amortized_ms'] == pytest.approx(sum(doc['step_ms']) / 4)

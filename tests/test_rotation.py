@@ -38,8 +38,13 @@ def ref_sides(m, n, sides, max_dim):
 
 
 def ref_rotation(grads, *, sides, every, max_dim=8192, carry='keep',
-                 inner=ref.adam_step, inner_kwargs=None, moment_key='m'):
-  """Runs §3 on a list (steps) of lists (leaves) of float64 matrices."""
+                 inner=ref.adam_step, inner_kwargs=None, moment_key='m',
+                 refresh_at=None):
+  """Runs §3 on a list (steps) of lists (leaves) of float64 matrices.
+
+  ``refresh_at(t, i)``: whether leaf i refreshes at step t (default: the
+  paper's (t − 1) mod every = 0 for every leaf).
+  """
   inner_kwargs = inner_kwargs or {}
   n_leaves = len(grads[0])
   bases = [None] * n_leaves
@@ -53,7 +58,8 @@ def ref_rotation(grads, *, sides, every, max_dim=8192, carry='keep',
       if bases[i] is None:
         bases[i] = (np.eye(m), np.eye(n))
       p, q = bases[i]
-      refresh = (t - 1) % every == 0
+      refresh = (refresh_at(t, i) if refresh_at is not None
+                 else (t - 1) % every == 0)
       if refresh:
         # The canonical basis (docs/algorithms.md §3): singular vectors above
         # the rank tolerance, then the canonical completion (test_bases.py).
@@ -149,6 +155,59 @@ def test_matches_float64_numpy_transcription(sides, basis, carry, max_dim,
       np.testing.assert_allclose(_as_matrix(got[t][k]), want[t][i],
                                  rtol=2e-4, atol=2e-4,
                                  err_msg=f'step {t + 1}, leaf {k}')
+
+
+@pytest.mark.parametrize('sides,carry', [('one', 'keep'), ('two', 'rotate')])
+def test_stagger_spreads_refreshes_and_matches_transcription(sides, carry):
+  # Four rotated leaves (tree order: conv, square, tall, wide), period 3:
+  # offsets floor(r * 3 / 4) = 0, 0, 1, 2, so leaf r refreshes at t = 1 and
+  # t = 1 + o_r + 3k.
+  every, steps, names = 3, 9, sorted(SHAPES)
+  offsets = {k: r * every // len(names) for r, k in enumerate(names)}
+  assert list(offsets.values()) == [0, 0, 1, 2]
+  grads = _grads(steps, seed=4)
+  tx = optax_fac.svd_rotation(optax.scale_by_adam(), sides=sides,
+                              every=every, carry=carry, precision='highest',
+                              stagger=True)
+  got, _ = _run_jax(tx, grads)
+  due = lambda t, i: t == 1 or (t - 1 - offsets[names[i]]) % every == 0
+  want = ref_rotation([[_as_matrix(g[k]) for k in names] for g in grads],
+                      sides=sides, every=every, carry=carry,
+                      refresh_at=due)
+  for t in range(steps):
+    for i, k in enumerate(names):
+      np.testing.assert_allclose(_as_matrix(got[t][k]), want[t][i],
+                                 rtol=2e-4, atol=2e-4,
+                                 err_msg=f'step {t + 1}, leaf {k}')
+  # Which bases changed at which step: the schedule itself.
+  params = jax.tree.map(jnp.zeros_like, grads[0])
+  state, update = tx.init(params), jax.jit(tx.update)
+  side = 'left' if sides == 'two' else None
+  for t, g in enumerate(grads, start=1):
+    before = state
+    _, state = update(g, state)
+    for k in names:
+      b = side or ('left' if state.left[k] is not None else 'right')
+      changed = not np.array_equal(getattr(state, b)[k],
+                                   getattr(before, b)[k])
+      assert changed == due(t, names.index(k)), (t, k)
+
+
+def test_stagger_off_is_one_cond_and_on_is_one_per_leaf():
+  # Three one-sided (8, 16) leaves and a (5, 7): without stagger one cond
+  # and two batched decompositions (the three size-8 Gram matrices, the
+  # size-5 one); with it a cond and a decomposition per leaf.
+  params = {'a': jnp.ones((8, 16)), 'b': jnp.ones((8, 16)),
+            'c': jnp.ones((16, 8)), 'e': jnp.ones((5, 7)), 'v': jnp.ones(3)}
+  for stagger, conds, calls in ((False, 1, 2), (True, 4, 4)):
+    tx = optax_fac.svd_rotation(optax.scale_by_adam(), stagger=stagger)
+    text = jax.jit(tx.update).lower(params, tx.init(params)).compile(
+        ).as_text()
+    assert text.count(' conditional(') == conds, stagger
+    assert text.count('syevd') == calls, stagger
+    assert _eigh_in_branch_only(text)
+  with pytest.raises(ValueError, match='stagger must be a bool'):
+    optax_fac.svd_rotation(optax.scale_by_adam(), stagger='yes')
 
 
 @pytest.mark.slow  # op by op in float64: ~20 s of compiling on 2 cores
@@ -555,3 +614,17 @@ def test_memory_table_llama_1b_bf16():
   for name, tx in memory_table_optimizers().items():
     got = optax_fac.state_size(tx, tree, dtype_bytes=2) / PAPER_G
     assert round(got, 2) == PUBLISHED_1B[name], (name, got)
+
+
+@pytest.mark.parametrize('name', ['adadiag_pp', 'adafac_diag', 'hfac_diag'])
+def test_named_rotations_pass_stagger_on(name):
+  # (the three builders of the named rotations; adadiag_pp is adadiag's)
+  # A stacked group (the (8, 16) pair) and a (5, 7) leaf: one cond per
+  # group with stagger, one in all without.
+  params = {'a': jnp.ones((8, 16)), 'b': jnp.ones((8, 16)),
+            'e': jnp.ones((5, 7)), 'v': jnp.ones(3)}
+  for stagger, conds in ((False, 1), (True, 2)):
+    tx = optax_fac.NAMED_OPTIMIZERS[name](1e-3, stagger=stagger)
+    text = jax.jit(tx.update).lower(params, tx.init(params),
+                                    params).compile().as_text()
+    assert text.count(' conditional(') == conds, (name, stagger)
