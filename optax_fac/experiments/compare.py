@@ -701,7 +701,9 @@ def plot(runs: Sequence[dict], out: str, title: str = '') -> str:
   finite = [r['final_valid_loss'] for r in best.values()
             if np.isfinite(r['final_valid_loss'])]
   lo = min(finite) if finite else None
-  top = (min(lo + 0.6, max(finite) + 0.1) if finite else None)
+  every_final = [r['final_valid_loss'] for r in runs
+                 if np.isfinite(r['final_valid_loss'])]
+  top = min(lo + 0.6, max(every_final) + 0.05) if finite else None
   # The first ten: tab10's colours, solid; the next ten: the light shade of
   # each, dashed (tab20 pairs them); then around again.
   cmap = plt.get_cmap('tab20')
@@ -719,12 +721,13 @@ def plot(runs: Sequence[dict], out: str, title: str = '') -> str:
                    if x['optimizer'] == r['optimizer'])
     lrs = np.array([x for x, _ in sweep])
     vals = np.array([y for _, y in sweep], dtype=float)
-    above = ~np.isfinite(vals) | ((vals > top) if top is not None else False)
-    ax_lr.plot(lrs, np.where(above, top if top is not None else np.nan,
-                             vals), style, color=color, lw=1.2, alpha=0.8)
+    cap = np.nan if top is None else top
+    above = ~np.isfinite(vals) | (vals > cap)
+    ax_lr.plot(lrs, np.where(above, cap, vals), style, color=color, lw=1.2,
+               alpha=0.8)
     ax_lr.plot(lrs[~above], vals[~above], 'o', color=color, ms=5)
-    ax_lr.plot(lrs[above], np.full(above.sum(), top if top else np.nan),
-               '^', color=color, ms=7, clip_on=False)
+    ax_lr.plot(lrs[above], np.full(above.sum(), cap), '^', color=color,
+               ms=7, clip_on=False)
   if BASELINE in best:
     target = best[BASELINE]['final_valid_loss']
     handles.append(ax_c.axhline(target, color='k', lw=0.8, ls=':',
