@@ -18,8 +18,9 @@ from optax_fac.experiments import config_lib
 BASE = os.path.join(os.path.dirname(__file__), 'compare_sweep.py')
 
 # Three rates each, the one expected best first (a call cut short by its
-# deadline has then run it): the small sweep's best and its neighbours,
-# shifted where the first 60M runs put the best on an edge. One Trainer per
+# deadline has then run it): the small sweep's best and its closer
+# neighbour, and a third rate where the better of those two at 60M was on
+# the edge. One Trainer per
 # optimizer compiles once for all its rates.
 RATES = {
     'adamw': (1e-3, 3e-3, 3e-4),

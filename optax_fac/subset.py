@@ -867,11 +867,12 @@ def adam_snsm(
   Learning rate: about 10x AdamW's, as its authors advise. In the README's
   swept benchmark (a 22.7 M LLaMA on Python source, 2000 steps, AdamW best
   at 3e-3, rank and period at their defaults) the best peak rate was 3e-2,
-  1e-2 ended 1.8% worse and 1e-1 diverged; at 3e-2 AdamSNSM ended 5.8%
+  1e-2 ended 1.8% worse and 1e-1 did not train (final loss 3.53); at 3e-2 AdamSNSM ended 5.8%
   below AdamW's validation loss, reaching AdamW's final loss in 0.68x the
   steps. On GaLore's LLaMA-60M (AdamW best at 1e-3) the best rate was
-  again 3e-2 (1e-2 ended 1.2% worse, 1e-1 diverged), 3.7% below AdamW in
-  0.77x the steps. Range that works: 1e-2 to 3e-2 (10-30x AdamW's). Rank
+  again 3e-2 (1e-2 ended 1.2% worse, 1e-1 did not train: 4.34), 3.7% below
+  AdamW in 0.77x the steps. Range that works: 1e-2 to 3e-2, i.e. 3-30x
+  AdamW's best (3e-3 at 22.7 M, 1e-3 at 60M). Rank
   and period: rank 64 and 32 ended 0.7% and 1.3% worse than 128 at 22.7 M;
   a period of 50 or 500 did not differ from 200 by more than 0.3%.
 

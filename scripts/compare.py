@@ -228,4 +228,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  try:
+    main()
+  except compare.CorpusMismatch as e:  # a usage error, not a crash
+    sys.exit(f'compare.py: error: {e}')

@@ -273,3 +273,28 @@ def test_corpus_records_the_package_versions_it_read():
   *_, kept = text.python_source_split(int(config.data.max_bytes),
                                       int(config.data.every), True)
   assert kept and all(p.startswith(stdlib) for p in kept)
+
+
+def test_tokens_file_built_with_other_settings_is_refused(tmp_path):
+  config = config_lib.load_config(TINY)
+  compare.load_corpus(config.data, str(tmp_path))  # builds tokens.npz
+  info = compare.load_corpus(config.data, str(tmp_path))['info']
+  assert info['tokenizer_sha256_16'] and info['sentencepiece']
+  with config.unlocked():
+    config.data.max_bytes = int(config.data.max_bytes) // 2
+    config.data.every = 7
+  with pytest.raises(compare.CorpusMismatch,
+                     match=r'tokens\.npz was built with other data settings'
+                     r'.*max_bytes: built with 1000000, config says 500000'
+                     r'; every: built with \d+, config says 7.*Delete it'):
+    compare.load_corpus(config.data, str(tmp_path))
+  # On the command line: one error line, no traceback.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'scripts', 'compare.py'),
+       f'--config={TINY}', f'--workdir={tmp_path}', '--prepare_only',
+       '--config.data.every=7'],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.startswith('compare.py: error: ') and (
+      'Traceback' not in proc.stderr), proc.stderr[-2000:]

@@ -66,6 +66,10 @@ BASELINE = 'adamw'
 # -- Data ------------------------------------------------------------------------
 
 
+class CorpusMismatch(ValueError):
+  """Runs, a tokens file and a config that do not name one corpus."""
+
+
 def build_corpus(data_cfg: Mapping[str, Any]) -> dict:
   """Tokenizes the stdlib source split: ``{'train', 'valid'}`` int arrays + info.
 
@@ -77,9 +81,12 @@ def build_corpus(data_cfg: Mapping[str, Any]) -> dict:
 
   Returns:
     ``{'train': uint16/int32 (n,), 'valid': (m,), 'info': {...}}``; info
-    records the Python version, file counts, characters, tokens and
+    records the Python version, file counts, characters, tokens,
     ``packages`` (``{distribution: version}`` of every installed package
-    whose source was read: what rebuilding the same corpus needs).
+    whose source was read), the tokenizer file's digest and the
+    sentencepiece version: what rebuilding the same corpus needs, with the
+    same stdlib (whose ``test`` package depends on how Python was
+    installed) and nothing else in site-packages before the cut-off.
   """
   tok = text.make_tokenizer(data_cfg['tokenizer'])
   train_texts, valid_texts, copies, paths = text.python_source_split(
@@ -94,6 +101,7 @@ def build_corpus(data_cfg: Mapping[str, Any]) -> dict:
                  else '') + ' (.py files)'),
       duplicate_files_skipped=copies,
       tokenizer=os.path.basename(str(getattr(tok, 'path', 'bytes'))),
+      tokenizer_sha256_16=_file_digest(getattr(tok, 'path', None)),
       vocab_size=int(tok.vocab_size),
       train_files=len(train_texts), valid_files=len(valid_texts),
       train_chars=sum(map(len, train_texts)),
@@ -101,8 +109,25 @@ def build_corpus(data_cfg: Mapping[str, Any]) -> dict:
       train_tokens=int(train.size), valid_tokens=int(valid.size),
       max_bytes=int(data_cfg['max_bytes']), every=int(data_cfg['every']),
       python=platform.python_version(),
-      packages=text.package_versions(paths))
+      packages=text.package_versions(paths),
+      sentencepiece=(_version('sentencepiece') if hasattr(tok, 'path')
+                     else None))
   return {'train': train, 'valid': valid, 'info': info}
+
+
+def _version(dist: str) -> Optional[str]:
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _file_digest(path: Optional[str]) -> Optional[str]:
+  if path is None:
+    return None
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def _digest(train: np.ndarray, valid: np.ndarray) -> str:
@@ -117,6 +142,9 @@ def load_corpus(data_cfg: Mapping[str, Any], workdir: str) -> dict:
 
   Raises:
     FileNotFoundError: ``data.tokens_file`` is set and missing.
+    ValueError: the file's tokens do not match their digest.
+    CorpusMismatch: it was built with other data settings
+      (:func:`corpus_config_differences`).
   """
   path = data_cfg.get('tokens_file') or os.path.join(workdir, 'tokens.npz')
   if not os.path.exists(path):
@@ -142,7 +170,41 @@ def load_corpus(data_cfg: Mapping[str, Any], workdir: str) -> dict:
   if corpus['info'].get('sha256_16') != _digest(corpus['train'],
                                                 corpus['valid']):
     raise ValueError(f'{path}: tokens do not match their recorded digest.')
+  differ = corpus_config_differences(corpus['info'], data_cfg)
+  if differ:
+    raise CorpusMismatch(
+        f'{path} was built with other data settings than the config: '
+        f'{"; ".join(differ)}. Delete it to rebuild (a workdir holds runs '
+        'on one corpus), use another workdir, or pass the settings it was '
+        'built with.')
   return corpus
+
+
+def _tokenizer_name(spec: str) -> str:
+  """The ``info['tokenizer']`` a tokenizer spec records (a file's name)."""
+  if spec == 'bytes':
+    return 'bytes'
+  return os.path.basename('tokenizer.model.v1' if spec == 'mistral' else spec)
+
+
+def corpus_config_differences(info: Mapping[str, Any],
+                              data_cfg: Mapping[str, Any]) -> list[str]:
+  """'field: built with X, config says Y' for each data setting that differs.
+
+  Compares what a tokens file records (``max_bytes``, ``every``, the
+  tokenizer's file name, whether site-packages were read) with the config's
+  ``data``; a file carried in with ``data.tokens_file`` is checked the same
+  way.
+  """
+  site = '+ site-packages' in str(info.get('source', ''))
+  pairs = (('max_bytes', info.get('max_bytes'), int(data_cfg['max_bytes'])),
+           ('every', info.get('every'), int(data_cfg['every'])),
+           ('tokenizer', info.get('tokenizer'),
+            _tokenizer_name(str(data_cfg['tokenizer']))),
+           ('site_packages', site,
+            bool(data_cfg.get('site_packages', True))))
+  return [f'{name}: built with {got!r}, config says {want!r}'
+          for name, got, want in pairs if got != want]
 
 
 def batch_table(num_tokens: int, seq_len: int, batch_size: int, steps: int,
@@ -507,7 +569,8 @@ def check_one_corpus(runs: Sequence[dict],
     digest: the corpus a new run is about to use, if any.
 
   Raises:
-    ValueError: naming each digest and the runs (optimizer, rate) made on it.
+    CorpusMismatch: naming each digest and the runs (optimizer, rate) made
+      on it.
   """
   by_digest = {}
   for r in runs:
@@ -521,7 +584,7 @@ def check_one_corpus(runs: Sequence[dict],
                         + (f' and {len(names) - 4} more' if len(names) > 4
                            else '')
                         for d, names in by_digest.items())
-    raise ValueError(
+    raise CorpusMismatch(
         f'Runs on {len(by_digest)} different corpora (tokens digest: runs) '
         f'cannot be compared: {listing}. Use one tokens.npz for a workdir '
         '(data.tokens_file), or a new workdir.')

@@ -165,8 +165,8 @@ def python_source_split(max_bytes: int, every: int = 20,
   out), then, with ``site_packages``, those of the environment's
   ``site-packages`` (``sysconfig``'s purelib and platlib), each root in
   sorted path order; a file whose text is byte-identical to an earlier one
-  (vendored copies) is skipped, so no text is both in training and
-  validation. Every ``every``-th kept file is held out; reading stops once
+  (vendored copies) is skipped, so no file is both in training and
+  validation (near-copies are not detected). Every ``every``-th kept file is held out; reading stops once
   ``max_bytes`` characters are kept. pip's editable-install finders
   (``__editable__*.py``, which hold the checkout's absolute path) are left
   out. Deterministic for a given Python and set of installed package
@@ -213,7 +213,8 @@ def package_versions(paths: Sequence[str]) -> dict[str, str]:
 
   A path under ``site-packages`` belongs to the distribution that provides
   its top-level module (``importlib.metadata.packages_distributions``);
-  stdlib paths are not counted (the Python version names them). A module
+  stdlib paths are not counted (the Python version names them, up to how
+  Python was installed: its ``test`` package is optional). A module
   no installed distribution declares is listed under its own name with
   version ``'?'``.
 
