@@ -36,7 +36,10 @@ Cases (each optimizer gets only ``learning_rate``, plus
 
 Compilation is most of the cost, so the workers compile with
 ``--xla_backend_optimization_level=0`` (LLVM's optimizations only; the
-thread pool and LAPACK calls are the same, and the hang reproduces with it).
+thread pool and LAPACK calls are the same, and the hang reproduces with it)
+and, under pytest, with the rest of the suite's fast-compile flags
+(tests/conftest.py: the fusion emitter, which changes neither the thread
+pool nor the LAPACK calls either).
 """
 
 from __future__ import annotations
