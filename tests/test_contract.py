@@ -73,20 +73,44 @@ def test_extra_args_and_no_recompilation(case):
   assert not logs, 'recompiled on the second call'
 
 
+# Compilation is most of this file's cost. The three tests below step each
+# case on the same small tree (its structure, shapes and dtype decide the
+# compiled program, its values do not) through one jitted init and update per
+# case, made once: test_inject_hyperparams' plain optimizer,
+# test_zero_gradient_first_step and the float32 run of
+# test_preserves_dtype_and_is_finite share one program per case instead of
+# compiling three.
+
+
+def _tree(dtype, w, b, c):
+  """The small mixed tree: a (6, 4) matrix, a (2,) vector, a (2, 5, 3) stack."""
+  return {'w': jnp.asarray(w, dtype).reshape(6, 4),
+          'b': jnp.asarray(b, dtype).reshape(2),
+          'c': jnp.asarray(c, dtype).reshape(2, 5, 3)}
+
+
+@functools.cache
+def _compiled(case_name):
+  """(opt, jitted init, jitted update) of one case, shared by the tests."""
+  (case,) = [c for c in CASES if c.name == case_name]
+  opt = case.make(**case.kwargs)
+  return opt, jax.jit(opt.init), jax.jit(opt.update)
+
+
 @pytest.mark.parametrize('case', CASES, ids=ids)
 def test_inject_hyperparams(case):
-  opt = case.make(**case.kwargs)
+  _, init, update = _compiled(case.name)
   injected = optax.inject_hyperparams(case.make, static_args=case.static_args)(
       **case.kwargs)
   rng = np.random.default_rng(1)
-  params = [jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
-            jnp.asarray(rng.normal(size=(4,)), jnp.float32),
-            jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)]
+  params = _tree(jnp.float32, rng.normal(size=24), rng.normal(size=2),
+                 rng.normal(size=30))
   grads = jax.tree.map(lambda p: jnp.sin(3 * p) + 0.1, params)
-  state, istate = jax.jit(opt.init)(params), jax.jit(injected.init)(params)
+  state, istate = init(params), jax.jit(injected.init)(params)
+  iupdate = jax.jit(injected.update)
   for _ in range(3):
-    u, state = jax.jit(opt.update)(grads, state, params)
-    iu, istate = jax.jit(injected.update)(grads, istate, params)
+    u, state = update(grads, state, params)
+    iu, istate = iupdate(grads, istate, params)
     tree_checks.assert_trees_all_close(iu, u, rtol=1e-5, atol=1e-6)
   tree_checks.assert_trees_all_close(istate.inner_state, state, rtol=1e-5,
                                      atol=1e-6)
@@ -96,11 +120,10 @@ def test_inject_hyperparams(case):
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16', 'float32'])
 def test_preserves_dtype_and_is_finite(case, dtype):
   """Updates keep the param dtype; no NaN from eps underflow; zero grads ok."""
-  opt = case.make(**case.kwargs)
-  params = {'w': jnp.linspace(-1, 1, 24, dtype=dtype).reshape(6, 4),
-            'b': jnp.array([1.0, 2.0], dtype)}
-  state = jax.jit(opt.init)(params)
-  update = jax.jit(opt.update)
+  _, init, update = _compiled(case.name)
+  params = _tree(dtype, jnp.linspace(-1, 1, 24), [1.0, 2.0],
+                 jnp.linspace(-2, 1, 30))
+  state = init(params)
   grads = jax.tree.map(lambda p: 1e-3 * p, params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   for g in (grads, zeros, zeros, grads):
@@ -113,10 +136,10 @@ def test_preserves_dtype_and_is_finite(case, dtype):
 
 @pytest.mark.parametrize('case', CASES, ids=ids)
 def test_zero_gradient_first_step(case):
-  opt = case.make(**case.kwargs)
-  params = {'w': jnp.ones((5, 3)), 'b': jnp.ones(3)}
+  _, init, update = _compiled(case.name)
+  params = _tree(jnp.float32, np.ones(24), np.ones(2), np.ones(30))
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, state = jax.jit(opt.update)(zeros, opt.init(params), params)
+  updates, state = update(zeros, init(params), params)
   tree_checks.assert_tree_all_finite((updates, state))
   for u in jax.tree.leaves(updates):
     assert float(jnp.max(jnp.abs(u))) < 1e-3
