@@ -8,6 +8,7 @@ state specs on an explicit mesh, and gradients of huge scale.
 """
 
 import dataclasses
+import functools
 
 import flax.serialization
 import jax
@@ -29,6 +30,15 @@ def params_and_grads():
   p = {'w': jnp.ones((8, 4)), 'b': jnp.zeros(4)}
   g = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), p)
   return p, g
+
+
+@functools.cache
+def jitted(name):
+  """make(name) and its jitted update, made once per optimizer: the tests that
+  step it on params_and_grads() share one compiled program (compilation is
+  most of this file's cost)."""
+  tx = make(name)
+  return tx, jax.jit(tx.update)
 
 
 def test_every_named_optimizer_is_listed():
@@ -53,10 +63,10 @@ def test_every_named_optimizer_is_listed():
 
 @pytest.mark.parametrize('name', NAMED)
 def test_tree_map_params_maps_only_param_shaped_state(name):
-  tx = make(name)
+  tx, update = jitted(name)
   p, g = params_and_grads()
   state = tx.init(p)
-  _, state = jax.jit(tx.update)(g, state, p)
+  _, state = update(g, state, p)
   same = optax.tree_map_params(tx, lambda x: x, state)
   assert jax.tree.structure(same) == jax.tree.structure(state)
   # A function of the params is applied only where the state holds a copy of
@@ -97,22 +107,23 @@ def test_tree_map_params_maps_adam_moments_of_the_fallback():
 @pytest.mark.parametrize('name', NAMED)
 def test_inject_hyperparams_without_static_args(name):
   p, g = params_and_grads()
-  plain = make(name)
+  plain, plain_update = jitted(name)
   injected = optax.inject_hyperparams(getattr(optax_fac, name))(
       learning_rate=1e-3)
+  injected_update = jax.jit(injected.update)
   # atol: optax's Adam computes 1 − β2 in float64 for a Python-float β2 and in
   # float32 for an injected one (0.999 rounds to 0.99900001); the fallback's
   # first update differs by ~7e-9 in absolute value.
+  want, _ = plain_update(g, plain.init(p), p)
   for init in (injected.init, jax.jit(injected.init)):
     state = init(p)
-    u, state = jax.jit(injected.update)(g, state, p)
-    want, _ = plain.update(g, plain.init(p), p)
+    u, state = injected_update(g, state, p)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
                                                          atol=1e-7), u, want)
   # The learning rate changed through the state, under jit.
   state = jax.jit(injected.init)(p)
   state.hyperparams['learning_rate'] = jnp.asarray(2e-3)
-  u2, _ = jax.jit(injected.update)(g, state, p)
+  u2, _ = injected_update(g, state, p)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 2 * b, rtol=1e-5,
                                                        atol=1e-8), u2, want)
 
@@ -290,10 +301,9 @@ def test_callable_pytree_views_are_trees():
 
 @pytest.mark.parametrize('name', NAMED)
 def test_flax_msgpack_round_trip(name):
-  tx = make(name)
+  tx, update = jitted(name)
   p, g = params_and_grads()
   state = tx.init(p)
-  update = jax.jit(tx.update)
   _, state = update(g, state, p)
   restored = flax.serialization.from_bytes(tx.init(p),
                                            flax.serialization.to_bytes(state))
