@@ -15,6 +15,7 @@ ended.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -73,7 +74,14 @@ class Launch:
     self.procs = []
     for i in range(2):
       env = dict(os.environ)
-      env.pop('XLA_FLAGS', None)
+      # The workers ask for their CPU devices themselves: a device count in
+      # XLA_FLAGS would conflict with it. The rest of XLA_FLAGS (the test
+      # suite's fast-compile flag, tests/conftest.py) is kept, so that the
+      # workers compile their programs as this process does its reference.
+      flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '',
+                     env.pop('XLA_FLAGS', '')).strip()
+      if flags:
+        env['XLA_FLAGS'] = flags
       for var in (dist.ENV_COORDINATOR, dist.ENV_NUM_PROCESSES,
                   dist.ENV_PROCESS_ID):
         env.pop(var, None)
