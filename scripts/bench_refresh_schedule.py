@@ -1,7 +1,7 @@
 """Step times over one refresh period: what a staggered schedule spreads out.
 
     python scripts/bench_refresh_schedule.py --model=llama1b \\
-        --optimizer=adadiag:stagger=True --out=results/bench_scale/x.json
+        --optimizer=adadiag:stagger=True --out=results/bench_refresh_schedule/x.json
 
 On a GaLore LLaMA tree (scripts/bench_scale.py's, float32), one optimizer
 step = ``tx.update`` + ``optax.apply_updates``, jitted, params and state

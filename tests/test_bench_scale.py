@@ -199,6 +199,7 @@ def test_temp_values_parses_a_buffer_assignment():
                     ('fusion.3', 32, 0, 'f32[8]{0}')]
 
 
+@pytest.mark.slow  # a subprocess that compiles two optimizers: ~25 s
 def test_refresh_schedule_times_one_period(tmp_path):
   """scripts/bench_refresh_schedule.py on the tiny tree, period 4."""
   out = tmp_path / 'schedule.json'

@@ -29,9 +29,9 @@ TESTED_ELSEWHERE = ('factored_momentum.ipynb',)
 NOTEBOOKS = sorted(os.path.basename(p) for p in
                    glob.glob(os.path.join(NOTEBOOK_DIR, '*.ipynb'))
                    if os.path.basename(p) not in TESTED_ELSEWHERE)
-# Notebooks that take more than ~30 s on 2 CPU cores: run by `make test`,
+# Notebooks that take more than ~15 s on 2 CPU cores: run by `make test`,
 # skipped by `make test-fast`.
-SLOW = ('training.ipynb',)
+SLOW = ('memory.ipynb', 'rotation.ipynb', 'training.ipynb')
 CELL_TIMEOUT_S = 300
 
 

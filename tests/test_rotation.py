@@ -616,6 +616,7 @@ def test_memory_table_llama_1b_bf16():
     assert round(got, 2) == PUBLISHED_1B[name], (name, got)
 
 
+@pytest.mark.slow  # six compiled rotation steps: ~20 s
 @pytest.mark.parametrize('name', ['adadiag_pp', 'adafac_diag', 'hfac_diag'])
 def test_named_rotations_pass_stagger_on(name):
   # (the three builders of the named rotations; adadiag_pp is adadiag's)
