@@ -634,7 +634,9 @@ def svd_rotation(
   t = 1 + o_r + kT (k >= 0, o_r = ⌊rT/R⌋), each leaf under its own
   ``lax.cond``, so after the first step a step decomposes about R/T leaves.
   The decompositions per period are the same; each leaf's basis is at most
-  T steps old, as without it; no two leaves' decompositions are batched. For gradient accumulation use
+  T steps old, as without it; no two leaves' decompositions are batched.
+  Measured (AdaDiag, LLaMA-1B, H200, T = 100): longest step 408 ms, the
+  period 17 s in all. For gradient accumulation use
   :class:`optax_fac.MultiSteps` (a drop-in ``optax.MultiSteps``, same state),
   which decomposes once per refresh step. ``optax.MultiSteps`` runs the inner
   update (and so this wrapper) on every micro-step with the state of the last
