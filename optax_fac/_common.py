@@ -327,6 +327,12 @@ def check_dynamic_int(name: str, value: Any, where: str = '') -> None:
   structural_int(name, value, 1, where=where)
 
 
+def check_static_bool(name: str, value: Any, where: str = '') -> None:
+  """A Python (or NumPy) bool: an option that decides the program's shape."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{where}{name} must be a bool, got {value!r}.')
+
+
 # --------------------------------------------------------------------------
 # Masks: a bool tree (of any pytree type, callable modules included), a prefix
 # of the params, or a function of the params (optax's rule: a mask is a

@@ -541,6 +541,27 @@ def _map_first_moments(state, structure, fn):
   return walk(state), found[0]
 
 
+def _first_moment_leaves(state, structure) -> list[list]:
+  """The leaves of every first moment :func:`_map_first_moments` finds, one
+  list per moment (in its walk order)."""
+  out = []
+
+  def record(mu):
+    out.append(structure.flatten_up_to(mu))
+    return mu
+  _map_first_moments(state, structure, record)
+  return out
+
+
+def _with_first_moment_leaves(state, structure, leaves):
+  """``state`` with its first moments replaced by ``leaves`` (as returned
+  by :func:`_first_moment_leaves`)."""
+  it = iter(leaves)
+  state, _ = _map_first_moments(
+      state, structure, lambda mu: jax.tree.unflatten(structure, next(it)))
+  return state
+
+
 # --------------------------------------------------------------------------
 # The wrapper.
 
@@ -725,8 +746,7 @@ def svd_rotation(
   if basis_source not in BASIS_SOURCES:
     raise ValueError(f'basis_source must be one of {BASIS_SOURCES}, got '
                      f'{basis_source!r}.')
-  if not isinstance(stagger, (bool, np.bool_)):
-    raise ValueError(f'svd_rotation: stagger must be a bool, got {stagger!r}.')
+  _common.check_static_bool('stagger', stagger, 'svd_rotation: ')
   ema = basis_source == 'ema_gram'
   if ema and basis != 'eigh':
     raise ValueError(
@@ -868,11 +888,9 @@ def svd_rotation(
       gram_l, gram_r = new_gl, new_gr
 
     if basis != 'identity' and any(p.rotated for p in plans):
-      # The first moments of each field (carry="rotate"), leaf by leaf.
-      mus = []
-      if carry == 'rotate':
-        _map_first_moments(inner_state, treedef, lambda mu: mus.append(
-            treedef.flatten_up_to(mu)) or mu)
+      # carry="rotate": the inner first moment(s), leaf by leaf.
+      mus = (_first_moment_leaves(inner_state, treedef)
+             if carry == 'rotate' else [])
 
       def refresh_fn(idx, xs, lefts, rights, mus, grams):
         """New bases of the plans ``idx`` (static; the lists align with it)."""
@@ -951,7 +969,6 @@ def svd_rotation(
         # o_r = floor(r T / R).
         rotated_idx = [i for i, p in enumerate(plans) if p.rotated]
         skipped = jnp.zeros((), bool)
-        mus = [list(field) for field in mus]
         for r, i in enumerate(rotated_idx):
           offset = (r * every) // len(rotated_idx)
           due = (count == 1) | ((count - 1 - offset) % every == 0)
@@ -961,10 +978,7 @@ def svd_rotation(
             field[i] = m
           skipped = skipped | sk
       if carry == 'rotate':
-        it = iter(mus)
-        inner_state, _ = _map_first_moments(
-            inner_state, treedef,
-            lambda mu: jax.tree.unflatten(treedef, next(it)))
+        inner_state = _with_first_moment_leaves(inner_state, treedef, mus)
       skipped_refreshes = jnp.where(
           skipped | ema_skipped, _common.increment(skipped_refreshes),
           skipped_refreshes)

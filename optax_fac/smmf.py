@@ -311,10 +311,8 @@ def _check_decay_rate(decay_rate):
 
 def _check_static(vector_reshape, sign_bits, fused_kernel):
   """Returns sign_bits as an int (None if traced: read from the state)."""
-  for name, value in (('vector_reshape', vector_reshape),
-                      ('fused_kernel', fused_kernel)):
-    if not isinstance(value, (bool, np.bool_)):
-      raise ValueError(f'{name} must be a bool, got {value!r}.')
+  _common.check_static_bool('vector_reshape', vector_reshape)
+  _common.check_static_bool('fused_kernel', fused_kernel)
   bits = _common.structural_int('sign_bits', sign_bits, 1)
   if bits is not None and bits not in _SIGN_BITS:
     raise ValueError(

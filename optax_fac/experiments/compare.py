@@ -110,17 +110,10 @@ def build_corpus(data_cfg: Mapping[str, Any]) -> dict:
       max_bytes=int(data_cfg['max_bytes']), every=int(data_cfg['every']),
       python=platform.python_version(),
       packages=text.package_versions(paths),
-      sentencepiece=(_version('sentencepiece') if hasattr(tok, 'path')
-                     else None))
+      site_packages=bool(data_cfg.get('site_packages', True)),
+      sentencepiece=(text.installed_version('sentencepiece')
+                     if hasattr(tok, 'path') else None))
   return {'train': train, 'valid': valid, 'info': info}
-
-
-def _version(dist: str) -> Optional[str]:
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
-  try:
-    return importlib.metadata.version(dist)
-  except importlib.metadata.PackageNotFoundError:
-    return None
 
 
 def _file_digest(path: Optional[str]) -> Optional[str]:
@@ -180,13 +173,6 @@ def load_corpus(data_cfg: Mapping[str, Any], workdir: str) -> dict:
   return corpus
 
 
-def _tokenizer_name(spec: str) -> str:
-  """The ``info['tokenizer']`` a tokenizer spec records (a file's name)."""
-  if spec == 'bytes':
-    return 'bytes'
-  return os.path.basename('tokenizer.model.v1' if spec == 'mistral' else spec)
-
-
 def corpus_config_differences(info: Mapping[str, Any],
                               data_cfg: Mapping[str, Any]) -> list[str]:
   """'field: built with X, config says Y' for each data setting that differs.
@@ -196,11 +182,13 @@ def corpus_config_differences(info: Mapping[str, Any],
   ``data``; a file carried in with ``data.tokens_file`` is checked the same
   way.
   """
-  site = '+ site-packages' in str(info.get('source', ''))
+  # Files written before ``site_packages`` was recorded say it in 'source'.
+  site = info.get('site_packages',
+                  '+ site-packages' in str(info.get('source', '')))
   pairs = (('max_bytes', info.get('max_bytes'), int(data_cfg['max_bytes'])),
            ('every', info.get('every'), int(data_cfg['every'])),
            ('tokenizer', info.get('tokenizer'),
-            _tokenizer_name(str(data_cfg['tokenizer']))),
+            text.tokenizer_name(str(data_cfg['tokenizer']))),
            ('site_packages', site,
             bool(data_cfg.get('site_packages', True))))
   return [f'{name}: built with {got!r}, config says {want!r}'

@@ -65,6 +65,10 @@ class SentencePieceTokenizer:
     return self._sp.decode([int(i) for i in ids])
 
 
+# mistral-common's 32000-piece SentencePiece model: (package, *path parts).
+MISTRAL_TOKENIZER = ('mistral_common', 'data', 'tokenizer.model.v1')
+
+
 def make_tokenizer(spec: str):
   """'bytes' -> :class:`ByteTokenizer`; a path -> :class:`SentencePieceTokenizer`.
 
@@ -75,8 +79,29 @@ def make_tokenizer(spec: str):
   if spec == 'bytes':
     return ByteTokenizer()
   if spec == 'mistral':
-    spec = package_file('mistral_common', 'data', 'tokenizer.model.v1')
+    spec = package_file(*MISTRAL_TOKENIZER)
   return SentencePieceTokenizer(spec)
+
+
+def tokenizer_name(spec: str) -> str:
+  """The file name of :func:`make_tokenizer`'s model for ``spec`` ('bytes'
+  for the byte tokenizer), without loading it.
+
+  >>> tokenizer_name('mistral'), tokenizer_name('bytes')
+  ('tokenizer.model.v1', 'bytes')
+  """
+  if spec == 'bytes':
+    return 'bytes'
+  return MISTRAL_TOKENIZER[-1] if spec == 'mistral' else os.path.basename(spec)
+
+
+def installed_version(dist: str) -> Optional[str]:
+  """The installed version of distribution ``dist``, or None."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
 
 
 def package_file(package: str, *parts: str) -> str:
@@ -166,8 +191,8 @@ def python_source_split(max_bytes: int, every: int = 20,
   ``site-packages`` (``sysconfig``'s purelib and platlib), each root in
   sorted path order; a file whose text is byte-identical to an earlier one
   (vendored copies) is skipped, so no file is both in training and
-  validation (near-copies are not detected). Every ``every``-th kept file is held out; reading stops once
-  ``max_bytes`` characters are kept. pip's editable-install finders
+  validation (near-copies are not detected). Every ``every``-th kept file
+  is held out; reading stops once ``max_bytes`` characters are kept. pip's editable-install finders
   (``__editable__*.py``, which hold the checkout's absolute path) are left
   out. Deterministic for a given Python and set of installed package
   versions, and only for those: a newer release of any package read changes
@@ -227,22 +252,18 @@ def package_versions(paths: Sequence[str]) -> dict[str, str]:
   top_to_dist = importlib.metadata.packages_distributions()
   roots = dict.fromkeys(os.path.abspath(r) + os.sep for r in (
       sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']))
-  out = {}
-  for p in paths:
-    p = os.path.abspath(p)
+  tops = {}  # top-level module -> None, in reading order
+  for p in map(os.path.abspath, paths):
     root = next((r for r in roots if p.startswith(r)), None)
-    if root is None:
-      continue
-    top = p[len(root):].split(os.sep)[0]
-    top = top[:-3] if top.endswith('.py') else top
-    for dist in top_to_dist.get(top, ()) or (None,):
-      if dist is None:
-        out.setdefault(top, '?')
-        continue
-      try:
-        out[dist] = importlib.metadata.version(dist)
-      except importlib.metadata.PackageNotFoundError:
-        out[dist] = '?'
+    if root is not None:
+      top = p[len(root):].split(os.sep)[0]
+      tops[top[:-3] if top.endswith('.py') else top] = None
+  out = {}
+  for top in tops:
+    for dist in top_to_dist.get(top) or ():
+      out[dist] = installed_version(dist) or '?'
+    if not top_to_dist.get(top):
+      out.setdefault(top, '?')
   return dict(sorted(out.items(), key=lambda kv: kv[0].lower()))
 
 
