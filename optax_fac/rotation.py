@@ -673,8 +673,9 @@ def svd_rotation(
       :func:`optax_fac.scale_by_factored_rms`, :func:`optax_fac.scale_by_hfac`
       built with the same ``views``).
     sides: "one" (smaller side) or "two" (both sides).
-    every: refresh period T (static: list it in ``static_args`` of
-      ``optax.inject_hyperparams``).
+    every: refresh period T >= 1; may be traced (injected with
+      ``optax.inject_hyperparams``: the schedule, staggered or not, follows
+      the injected value).
     max_dim: sides longer than this are not rotated (static).
     basis: "eigh" (default [decided]: eigenvectors of G Gᵀ / Gᵀ G, eigenvalues
       sorted descending; about 10x faster than SVD on an H100), "svd" (full
@@ -1149,7 +1150,7 @@ def adadiag(
     gram_decay: β in [0, 1) of the Gram EMA (``"ema_gram"`` only; 0.95).
     stagger: False (the paper): every basis refreshes at the same steps;
       True: the refreshes of the matrices (stacked groups) are spread over
-      the period, so no step decomposes them all (see
+      the period, so after the first no step decomposes them all (see
       :func:`svd_rotation`). Static.
     mu_dtype: floating dtype of the stored first moments (the rotated
       Adam's and the fallback's; e.g. ``jnp.bfloat16`` saves 2 bytes per
@@ -1272,7 +1273,7 @@ def adafac_diag(
     gram_decay: β in [0, 1) of the Gram EMA (``"ema_gram"`` only; 0.95).
     stagger: False (the paper): every basis refreshes at the same steps;
       True: the refreshes of the matrices (stacked groups) are spread over
-      the period, so no step decomposes them all (see
+      the period, so after the first no step decomposes them all (see
       :func:`svd_rotation`). Static.
     mu_dtype: floating dtype of the stored first moments (the rotated
       momentum, with ``b1``, and the fallback's); None = float32 (as
@@ -1374,7 +1375,7 @@ def hfac_diag(
     gram_decay: β in [0, 1) of the Gram EMA (``"ema_gram"`` only; 0.95).
     stagger: False (the paper): every basis refreshes at the same steps;
       True: the refreshes of the matrices (stacked groups) are spread over
-      the period, so no step decomposes them all (see
+      the period, so after the first no step decomposes them all (see
       :func:`svd_rotation`). Static.
 
   Returns:

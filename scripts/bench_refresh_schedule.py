@@ -8,12 +8,14 @@ step = ``tx.update`` + ``optax.apply_updates``, jitted, params and state
 donated. The state's step counters are set to 1 (the first step, at which
 every basis is computed, is left out), then steps 2 .. every + 1 run one by
 one, each waited for: one whole period, so every leaf's refresh falls in it
-once. The first period warms up (each branch's first execution sets up its
-solver); the last of ``--periods`` is the one reported. Reported: each step's time, the longest, the median, the sum
-(the period's cost) and the amortized step (sum / every), with
-``optax.adamw``'s step (minimum of ``--adamw_steps`` timed the same way, in
-the same process) for the ratios. ``--max_seconds`` stops the period early
-(the file says how many steps were timed).
+once. With ``--periods`` > 1 the first period warms up (each branch's first
+execution sets up its solver) and the last complete one is reported; if
+``--max_seconds`` cut even the first, that partial period is reported with
+``complete_period`` false (``steps_run`` counts every step run). Reported:
+each step's time, the longest, the median, the sum (the period's cost) and
+the amortized step (sum / steps reported), with ``optax.adamw``'s step
+(minimum of ``--adamw_steps`` timed the same way, in the same process) for
+the ratios. An optimizer without a periodic refresh is refused.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ from scripts import bench_scale  # noqa: E402
 
 
 def timed_steps(spec, shapes, steps, deadline, periods=1, lr=1e-3):
-  """(compile seconds, [ms per step]) of the last ``steps`` of
-  ``steps * periods`` steps after step 1 (fewer if ``deadline`` passed)."""
+  """(compile seconds, [ms per step] of each period run, in order).
+
+  ``periods`` periods of ``steps`` steps after step 1; once ``deadline``
+  passes no further step starts, so the last period may be partial.
+  """
   tx = bench_scale.build(spec, lr)
   params = bench_scale.make_tree(shapes, 'float32', 0, 0.02)
   grads = bench_scale.make_tree(shapes, 'float32', 1, 1e-3)
@@ -56,7 +61,17 @@ def timed_steps(spec, shapes, steps, deadline, periods=1, lr=1e-3):
     params, state = compiled(params, state, grads)
     jax.block_until_ready((params, state))
     times.append(1e3 * (time.perf_counter() - t0))
-  return compile_s, times[-steps:] if len(times) > steps else times
+  return compile_s, [times[k:k + steps] for k in range(0, len(times), steps)]
+
+
+def last_period(periods, steps):
+  """(the step times reported, whether they are one whole period): the
+  last complete period, else the partial one (its steps are then fewer
+  than ``steps``; with more than one period run, the first only warms up)."""
+  complete = [p for p in periods if len(p) == steps]
+  if complete:
+    return complete[-1], True
+  return (periods[-1] if periods else []), False
 
 
 def main(argv=None):
@@ -73,18 +88,29 @@ def main(argv=None):
   deadline = time.perf_counter() + args.max_seconds
   shapes = bench_scale.tree_shapes(args.model)
   info = bench_scale.optimizer_info(args.optimizer)
+  if not info['refresh']:
+    p.error(f'--optimizer={args.optimizer}: no periodic refresh (this '
+            'script is for the rotation and subspace optimizers).')
   every = args.every or info['every']
   spec = args.optimizer + (f':every={every}' if args.every else '')
   _, adamw = timed_steps('adamw', shapes, args.adamw_steps, deadline)
-  adamw_ms = min(adamw)
+  if not adamw or not adamw[0]:
+    sys.exit('bench_refresh_schedule.py: error: --max_seconds ran out '
+             "before adamw's step was timed.")
+  adamw_ms = min(adamw[0])
   print(f'adamw {adamw_ms:.2f} ms', flush=True)
-  compile_s, times = timed_steps(spec, shapes, every, deadline,
-                                 args.periods)
+  compile_s, periods = timed_steps(spec, shapes, every, deadline,
+                                   args.periods)
+  times, complete = last_period(periods, every)
+  if not times:
+    sys.exit('bench_refresh_schedule.py: error: --max_seconds ran out '
+             f'before a step of {spec} was timed.')
   doc = dict(
       model=args.model, optimizer=spec, every=every,
       device=jax.devices()[0].device_kind, jax=jax.__version__,
       adamw_ms=adamw_ms, compile_s=compile_s, periods=args.periods,
-      steps_timed=len(times), complete_period=len(times) == every,
+      periods_run=len(periods), steps_run=sum(map(len, periods)),
+      steps_timed=len(times), complete_period=complete,
       step_ms=times,
       max_ms=max(times), median_ms=float(np.median(times)),
       sum_ms=sum(times), amortized_ms=sum(times) / len(times),

@@ -217,3 +217,13 @@ def test_refresh_schedule_times_one_period(tmp_path):
   assert doc['periods'] == 2 and len(doc['step_ms']) == 4
   assert doc['max_ms'] == max(doc['step_ms']) and doc['adamw_ms'] > 0
   assert doc['amortized_ms'] == pytest.approx(sum(doc['step_ms']) / 4)
+
+
+def test_refresh_schedule_reports_the_last_whole_period():
+  import bench_refresh_schedule  # pylint: disable=g-import-not-at-top
+  last = bench_refresh_schedule.last_period
+  assert last([[9, 1, 1, 1], [2, 2, 2, 2]], 4) == ([2, 2, 2, 2], True)
+  # The second period cut by the deadline: the first, whole, is reported.
+  assert last([[9, 1, 1, 1], [2, 2]], 4) == ([9, 1, 1, 1], True)
+  assert last([[9, 1]], 4) == ([9, 1], False)
+  assert last([], 4) == ([], False)
