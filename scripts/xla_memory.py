@@ -10,6 +10,13 @@ assignment, the largest values that live in the temp buffer (their HLO
 instruction, shape and size), which names the culprit: a stacked copy of the
 gradients, an update materialized before ``apply_updates``, ...
 
+It also counts the bytes each kernel of the optimized step reads and writes
+(:func:`hlo_traffic`, a static count from the HLO: ``hlo_bytes``, against the
+ideal step's 3 x params + 2 x state bytes as ``hlo_vs_ideal``), and lists the
+kernels that move the most (``largest_kernels``, with the jax op each came
+from): where a step moves more than its byte floor, this says which pass of
+which tensor it is.
+
 Each spec compiles in a fresh process with ``--xla_dump_to`` set to its own
 folder under ``--dump`` (kept with ``--keep_dumps``, for reading the
 optimized HLO); one JSON line per spec goes to ``--out``.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -63,7 +71,196 @@ def temp_values(text: str, top: int):
   return total, values[:top]
 
 
-def worker(model: str, dtype: str, spec: str):
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's4': 0.5, 'u4': 0.5,
+                'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
+                'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8,
+                'c64': 8, 'c128': 16, 'f8e4m3fn': 1, 'f8e5m2': 1}
+_ARRAY = re.compile(r'\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]')
+_HEADER = re.compile(r'^(ENTRY )?%?([\w.\-]+) .*\{$')
+_FREE = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast',
+         'after-all', 'opt-barrier', 'partition-id', 'replica-id',
+         'get-dimension-size', 'add-dependency'}
+
+
+def type_bytes(text: str) -> int:
+  """Bytes of an HLO type string (an array or a tuple of arrays)."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(text):
+    size = _DTYPE_BYTES.get(dtype)
+    if size is None:
+      continue
+    total += size * math.prod(int(d) for d in dims.split(',') if d)
+  return int(total)
+
+
+def _closing(text: str, start: int) -> int:
+  """Index of the parenthesis closing the one at ``text[start]``."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += {'(': 1, ')': -1}.get(text[i], 0)
+    if depth == 0:
+      return i
+  raise ValueError(f'unbalanced HLO line: {text[:80]}')
+
+
+def parse_instruction(line: str):
+  """(name, type, opcode, operand names, attributes) of one HLO line, or None."""
+  body = line.strip()
+  if body.startswith('ROOT '):
+    body = body[5:]
+  name, sep, rest = body.partition(' = ')
+  if not sep or ' ' in name:
+    return None
+  if rest.startswith('('):
+    end = _closing(rest, 0)
+    type_str, rest = rest[:end + 1], rest[end + 1:].lstrip()
+  else:
+    type_str, _, rest = rest.partition(' ')
+  opcode, paren, rest = rest.partition('(')
+  if not paren:
+    return None
+  end = _closing('(' + rest, 0) - 1
+  operands = [tok for tok in re.findall(r'%?([\w.\-]+)(?=,|$)',
+                                        rest[:end].replace(' ', ''))]
+  return name.lstrip('%'), type_str, opcode, operands, rest[end + 1:]
+
+
+def computations(text: str) -> dict:
+  """``{computation name: [parsed instructions]}`` and the entry's name."""
+  comps, current, entry = {}, None, None
+  for line in text.splitlines():
+    m = _HEADER.match(line)
+    if m:
+      current = m.group(2)
+      comps[current] = []
+      if m.group(1):
+        entry = current
+      continue
+    if line.startswith('}'):
+      current = None
+      continue
+    if current is not None:
+      parsed = parse_instruction(line)
+      if parsed:
+        comps[current].append(parsed)
+  return comps, entry
+
+
+def _param_read_bytes(comp: list, index: int, full: int) -> int:
+  """Bytes a fused computation reads of its parameter ``index``.
+
+  Full size, unless every use (through bitcasts) is a slice (then the slices'
+  bytes) or the in-place operand of a dynamic-update-slice (then nothing).
+  """
+  users = {}
+  for name, _, opcode, operands, _ in comp:
+    for k, operand in enumerate(operands):
+      users.setdefault(operand, []).append((name, opcode, k))
+  types = {name: t for name, t, *_ in comp}
+  name = next((n for n, _, op, ops, _ in comp
+               if op == 'parameter' and ops == [str(index)]), None)
+  if name is None:
+    return full
+
+  def read(value):
+    total = 0
+    for user, opcode, k in users.get(value, []):
+      if opcode == 'bitcast':
+        sub = read(user)
+        if sub is None:
+          return None
+        total += sub
+      elif opcode in ('slice', 'dynamic-slice') and k == 0:
+        total += type_bytes(types[user])
+      elif opcode == 'dynamic-update-slice' and k == 0:
+        continue
+      else:
+        return None
+    return total
+
+  got = read(name)
+  return full if got is None else min(got, full)
+
+
+def _fusion_write_bytes(comp: list, out_type: str) -> int:
+  """Bytes a fusion writes: its output, less in-place update-slice buffers."""
+  root = comp[-1] if comp else None
+  types = {name: t for name, t, *_ in comp}
+  ops = {name: (opcode, operands) for name, _, opcode, operands, _ in comp}
+  if root is None:
+    return type_bytes(out_type)
+
+  def written(value):
+    opcode, operands = ops.get(value, (None, []))
+    if opcode == 'dynamic-update-slice':
+      return type_bytes(types[operands[1]])
+    if opcode == 'tuple':
+      return sum(written(v) for v in operands)
+    if opcode == 'bitcast':
+      return written(operands[0])
+    return type_bytes(types.get(value, ''))
+
+  return written(root[0])
+
+
+def hlo_traffic(text: str, top: int = 12) -> dict:
+  """The bytes each kernel of an optimized HLO module reads and writes.
+
+  A static count from the module's text (``compiled.as_text()``): for every
+  instruction of the entry computation that runs as a kernel (a fusion, a
+  custom call, a copy, a reduction, ...), its operands' bytes read and its
+  output's bytes written, where a fusion's parameter used only through slices
+  counts the slices and an in-place dynamic-update-slice counts the update.
+  Instructions of a while loop's body are counted once, not per trip.
+
+  Args:
+    text: the HLO module after optimizations.
+    top: how many kernels to list.
+
+  Returns:
+    ``{'bytes': total, 'kernels': count, 'loops': while loops seen,
+    'top': [{'name', 'op', 'source', 'read', 'written'}, ...]}`` (largest
+    first; ``source`` is the instruction's jax op name).
+  """
+  comps, entry = computations(text)
+  types = {name: t for comp in comps.values() for name, t, *_ in comp}
+  kernels, loops = [], 0
+
+  def visit(comp_name):
+    nonlocal loops
+    for name, type_str, opcode, operands, attrs in comps.get(comp_name, []):
+      if opcode in _FREE:
+        continue
+      called = re.findall(r'(?:calls|body|to_apply|branch_computations)='
+                          r'\{?%?([\w.\-]+)', attrs)
+      if opcode in ('while', 'call', 'conditional'):
+        loops += opcode == 'while'
+        for c in re.findall(r'(?:body|to_apply|true_computation|'
+                            r'false_computation)=%?([\w.\-]+)', attrs) + (
+                                re.findall(r'%([\w.\-]+)', attrs.split(
+                                    'branch_computations=')[1].split('}')[0])
+                                if 'branch_computations=' in attrs else []):
+          visit(c)
+        continue
+      sizes = [type_bytes(types.get(o, '')) for o in operands]
+      if opcode == 'fusion' and called:
+        fused = comps.get(called[0], [])
+        read = sum(_param_read_bytes(fused, i, s) for i, s in enumerate(sizes))
+        written = _fusion_write_bytes(fused, type_str)
+      else:
+        read, written = sum(sizes), type_bytes(type_str)
+      source = re.search(r'op_name="([^"]*)"', attrs)
+      kernels.append({'name': name, 'op': opcode,
+                      'source': source.group(1) if source else '',
+                      'read': read, 'written': written})
+
+  visit(entry)
+  kernels.sort(key=lambda k: -(k['read'] + k['written']))
+  return {'bytes': sum(k['read'] + k['written'] for k in kernels),
+          'kernels': len(kernels), 'loops': loops, 'top': kernels[:top]}
+
+
+def worker(model: str, dtype: str, spec: str, top: int = 8):
   """Compiles one step of ``spec`` and prints a JSON line of its memory."""
   sys.path.insert(0, HERE)
   import jax  # pylint: disable=import-outside-toplevel
@@ -89,7 +286,10 @@ def worker(model: str, dtype: str, spec: str):
   ma = compiled.memory_analysis()
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-  entry = compiled.as_text().split('ENTRY', 1)[-1]
+  text = compiled.as_text()
+  entry = text.split('ENTRY', 1)[-1]
+  traffic = hlo_traffic(text, top)
+  ideal = 3 * param_bytes + 2 * state_bytes
   print(json.dumps({
       'model': model, 'dtype': dtype, 'optimizer': spec,
       'device_kind': jax.devices()[0].device_kind,
@@ -100,6 +300,12 @@ def worker(model: str, dtype: str, spec: str):
       'alias_bytes': int(ma.alias_size_in_bytes),
       'kernels': sum(1 for line in entry.splitlines()
                      if ' fusion(' in line or 'custom-call(' in line),
+      'ideal_bytes': ideal,
+      'hlo_bytes': traffic['bytes'],
+      'hlo_vs_ideal': traffic['bytes'] / ideal,
+      'hlo_kernels': traffic['kernels'],
+      'hlo_loops': traffic['loops'],
+      'largest_kernels': traffic['top'],
   }), flush=True)
 
 
@@ -116,7 +322,7 @@ def main(argv=None):
   p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:
-    worker(args.model, args.dtype, args.specs[0])
+    worker(args.model, args.dtype, args.specs[0], args.top)
     return 0
   dump_root = args.dump or tempfile.mkdtemp(prefix='xla_memory_')
   for spec in args.specs:
@@ -126,7 +332,7 @@ def main(argv=None):
         ' --xla_dump_hlo_module_re=.*jit_step.*').strip())
     run = subprocess.run(
         [sys.executable, __file__, '--worker', f'--model={args.model}',
-         f'--dtype={args.dtype}', spec], env=env, capture_output=True,
+         f'--dtype={args.dtype}', f'--top={args.top}', spec], env=env, capture_output=True,
         text=True, check=False)
     lines = [l for l in run.stdout.splitlines() if l.startswith('{')]
     if run.returncode or not lines:
@@ -147,7 +353,10 @@ def main(argv=None):
     if 'error' not in record:
       print(f'# {spec}: temp {record["temp_bytes"] / 2**20:.1f} MiB '
             f'({record["temp_vs_params"]:.1%} of params), '
-            f'{record["kernels"]} kernels', file=sys.stderr, flush=True)
+            f'{record["kernels"]} kernels; HLO bytes '
+            f'{record["hlo_bytes"] / 1e9:.3f} GB = '
+            f'{record["hlo_vs_ideal"]:.2f}x the ideal step',
+            file=sys.stderr, flush=True)
     if args.out:
       with open(args.out, 'a') as f:
         f.write(json.dumps(record) + '\n')

@@ -181,6 +181,11 @@ def test_xla_memory_names_the_temp_buffers(tmp_path):
     sizes = [v['bytes'] for v in values]
     assert sizes == sorted(sizes, reverse=True)
     assert r['assigned_temp_bytes'] >= sizes[0]
+    # The step reads p and g and writes p at least: 3x the params' bytes.
+    assert r['hlo_bytes'] >= 3 * r['param_bytes']
+    assert r['hlo_vs_ideal'] == r['hlo_bytes'] / r['ideal_bytes']
+    moved = [k['read'] + k['written'] for k in r['largest_kernels']]
+    assert moved and moved == sorted(moved, reverse=True)
   assert not any((tmp_path / 'dump').iterdir())  # dumps removed by default
 
 
@@ -198,6 +203,61 @@ def test_temp_values_parses_a_buffer_assignment():
   assert values == [('concatenate_fusion', 64, 32, 'f32[2,8]{1,0}'),
                     ('fusion.3', 32, 0, 'f32[8]{0}')]
 
+
+
+_HLO = """HloModule jit_step
+
+%fused_slice (param_0: f32[4,8]) -> f32[8] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  %slice.1 = f32[1,8]{1,0} slice(%param_0), slice={[1:2], [0:8]}
+  ROOT %bitcast.2 = f32[8]{0} bitcast(%slice.1)
+}
+
+%fused_dus (param_0.1: f32[4,8], param_1.1: f32[1,8]) -> f32[4,8] {
+  %param_0.1 = f32[4,8]{1,0} parameter(0)
+  %param_1.1 = f32[1,8]{1,0} parameter(1)
+  %c = s32[] constant(0)
+  ROOT %dus = f32[4,8]{1,0} dynamic-update-slice(%param_0.1, %param_1.1, %c, %c)
+}
+
+%fused_add (param_0.2: f32[4,8], param_1.2: f32[4,8]) -> (f32[4,8], f32[4]) {
+  %param_0.2 = f32[4,8]{1,0} parameter(0)
+  %param_1.2 = f32[4,8]{1,0} parameter(1)
+  %add.3 = f32[4,8]{1,0} add(%param_0.2, %param_1.2)
+  %r = f32[4]{0} reduce(%add.3), dimensions={1}
+  ROOT %t = (f32[4,8]{1,0}, f32[4]{0}) tuple(%add.3, %r)
+}
+
+ENTRY %main (p0: f32[4,8], p1: f32[4,8], u: f32[1,8]) -> (f32[8], f32[4,8], f32[4,8]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[4,8]{1,0} parameter(1)
+  %u = f32[1,8]{1,0} parameter(2)
+  %s = f32[8]{0} fusion(%p0), kind=kLoop, calls=%fused_slice, metadata={op_name="jit(step)/slice"}
+  %d = f32[4,8]{1,0} fusion(%p1, %u), kind=kLoop, calls=%fused_dus
+  %a = (f32[4,8]{1,0}, f32[4]{0}) fusion(%p0, %p1), kind=kInput, calls=%fused_add
+  %g = f32[4,8]{1,0} get-tuple-element(%a), index=0
+  %c2 = f32[4,8]{1,0} copy(%g)
+  ROOT %out = (f32[8]{0}, f32[4,8]{1,0}, f32[4,8]{1,0}) tuple(%s, %d, %c2)
+}
+"""
+
+
+def test_hlo_traffic_counts_each_kernel_bytes():
+  """xla_memory.hlo_traffic on a hand-written module: a fusion reading one
+  row through a slice counts the row, an in-place dynamic-update-slice
+  counts its update (read and written), a multi-output fusion both outputs,
+  a copy its operand and result; free ops (bitcast, tuple, ...) nothing."""
+  import xla_memory  # pylint: disable=import-outside-toplevel
+  t = xla_memory.hlo_traffic(_HLO, top=10)
+  got = {k['name']: (k['read'], k['written']) for k in t['top']}
+  assert got == {'s': (32, 32), 'd': (32, 32), 'a': (256, 144),
+                 'c2': (128, 128)}
+  assert t['kernels'] == 4 and t['loops'] == 0
+  assert t['bytes'] == 32 + 32 + 32 + 32 + 256 + 144 + 256
+  assert t['top'][0]['name'] == 'a'
+  assert [k['source'] for k in t['top'] if k['name'] == 's'] == [
+      'jit(step)/slice']
+  assert xla_memory.type_bytes('(f32[2,3]{1,0}, bf16[4]{0}, pred[])') == 33
 
 @pytest.mark.slow  # a subprocess that compiles two optimizers: ~25 s
 def test_refresh_schedule_times_one_period(tmp_path):
@@ -227,3 +287,44 @@ def test_refresh_schedule_reports_the_last_whole_period():
   assert last([[9, 1, 1, 1], [2, 2]], 4) == ([9, 1, 1, 1], True)
   assert last([[9, 1]], 4) == ([9, 1], False)
   assert last([], 4) == ([], False)
+
+
+@pytest.mark.slow  # two subprocesses that compile the 60M LLaMA: ~50 s
+def test_train_step_bench_times_and_fits(tmp_path):
+  """scripts/bench_train_step.py on LLaMA-60M with a tiny batch: the time
+  mode's loop of full training steps lowers the loss and its full-depth
+  peak equals the fit mode's extrapolation from 1 and 2 layers; the fit
+  mode says which sizes fit a given memory."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  script = str(ROOT / 'scripts' / 'bench_train_step.py')
+  common = ['--batch=2', '--seq=16']
+  time_out, fit_out = tmp_path / 'time.json', tmp_path / 'fit.json'
+  proc = subprocess.run(
+      [sys.executable, script, '--mode=time', '--model=60m', '--loop_steps=2',
+       '--repeats=1', '--optimizers=adamw', '--check_fit', f'--out={time_out}',
+       *common], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = json.loads(time_out.read_text())['rows']
+  assert row['status'] == 'ok' and row['device_vs_adamw'] == 1.0
+  assert row['n_params'] == 58_073_600
+  assert row['final_loss'] < row['loss_after_warmup']
+  check = row['fit_check']
+  assert abs(check['extrapolated_peak_bytes'] - check['compiled_peak_bytes']
+             ) <= 1e-3 * check['compiled_peak_bytes']
+  peak = check['compiled_peak_bytes']
+  proc = subprocess.run(
+      [sys.executable, script, '--mode=fit', '--sizes=60m',
+       '--optimizers=adamw,sign_fsgd', f'--bytes_limit={peak}',
+       f'--out={fit_out}', *common], cwd=ROOT, env=env, capture_output=True,
+      text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r['optimizer']: r for r in json.loads(fit_out.read_text())['rows']}
+  adamw, sign = rows['adamw']['sizes']['60m_float32'], rows['sign_fsgd'][
+      'sizes']['60m_float32']
+  assert adamw['peak_bytes'] == peak and adamw['fits']
+  assert adamw['max_layers'] == 8 and adamw['layers'] == 8
+  # signFSGD keeps m + n values per matrix instead of Adam's 2mn: deeper.
+  assert sign['peak_bytes'] < peak and sign['max_layers'] > 8
+  assert sign['max_layers_params'] > adamw['n_params']
+  assert '60m_float32' in proc.stdout  # the table

@@ -1,0 +1,454 @@
+"""A full training step per optimizer, and the largest LLaMA each one fits.
+
+Two measurements on the GaLore LLaMA family (``optax_fac.experiments``'s
+Flax model: bf16 compute, float32 or bfloat16 params), each optimizer in a
+fresh process:
+
+``--mode=time`` (default LLaMA-350M, batch 64 x 256 tokens): one training
+step = forward + backward (next-token cross-entropy) + ``tx.update`` +
+``optax.apply_updates``, params and state donated. Device time per step is a
+``lax.fori_loop`` of steps over one batch inside one jit (the minimum over
+repeats, divided by the loop's steps); ``× adamw`` is the ratio to
+``optax.adamw``'s step in the same run. Also recorded: XLA's
+``memory_analysis()`` of the compiled step and the device's high-water mark
+(``memory_stats``). An optimizer with a periodic refresh runs its non-refresh
+step (its ``every`` is a traced value that never comes due; the refresh
+branch is still compiled in, so its buffers count in the memory numbers).
+
+``--mode=fit``: compile only (abstract shapes, nothing allocated) the same
+step for each model of ``--sizes`` at one and at two layers, and read the
+peak of ``memory_analysis()`` (XLA's high-water mark of arguments, outputs
+and temporaries, :func:`peak_bytes`). Every term grows linearly with the depth (one layer's parameters, gradients,
+state and saved activations each), so the peak at the model's depth L is
+``peak(1) + (L - 1) (peak(2) - peak(1))``: the model fits when that is at
+most the device's memory (``bytes_limit`` of ``memory_stats``, with
+``XLA_PYTHON_CLIENT_MEM_FRACTION=1.0`` unless set: the whole device, not jax's
+default three quarters of it). The time
+mode's full-depth compile of the same step checks the extrapolation
+(``fit_check`` in the result).
+
+    python scripts/bench_train_step.py --mode=time --model=350m \\
+        --out=results/bench_train_step/llama350m_time.json
+    python scripts/bench_train_step.py --mode=fit --sizes=350m,1b,3b,7b \\
+        --out=results/bench_train_step/fit.json
+
+Optimizer specs are ``scripts/bench_scale.py``'s (``name`` or
+``name:key=value``; ``adamw``, ``adafactor``, ``lion``, ``muon`` and
+``adamw_bf16m`` are optax's). ``--table`` prints a result file's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from concurrent import futures
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, '..'))
+sys.path.insert(0, HERE)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import bench_scale  # noqa: E402
+from optax_fac.experiments.models import llama  # noqa: E402
+
+RECORD_PREFIX = 'TRAIN_STEP '
+DEFAULT_OPTIMIZERS = (
+    'adamw,adamw_bf16m,adafactor,hfac,sign_fsgd,lion_factor,'
+    'adafactor_momentum,adafactor_momentum:b1=None,smmf,adam_sn,rmsprop_sn,'
+    'adam_snsm,adadiag,adafac_diag,hfac_diag')
+
+
+def model_config(size: str, layers=None, dtype='bfloat16', seq=256):
+  """The GaLore LLaMA of ``size`` (``layers`` overrides its depth)."""
+  overrides = {'dtype': jnp.dtype(dtype), 'max_len': seq}
+  if layers is not None:
+    overrides['num_layers'] = layers
+  return llama.LlamaConfig.from_size(size, **overrides)
+
+
+def make_step(cfg, tx, refresh: bool):
+  """``step(params, state, tokens, every) -> (params, state, loss)``."""
+  model = llama.Llama(cfg)
+
+  def loss_fn(params, tokens):
+    logits = model.apply({'params': params}, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, tokens[:, 1:]).mean()
+
+  def step(params, state, tokens, every):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    t = tx(every if refresh else None)
+    updates, state = t.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  return model, step
+
+
+def abstract_inputs(cfg, spec, param_dtype, batch, seq):
+  """Shapes of (params, state, tokens, every) for ``cfg`` and ``spec``."""
+  model = llama.Llama(cfg)
+  tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+  params = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32)))
+  params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(param_dtype)),
+      params['params'])
+  state = jax.eval_shape(bench_scale.build(spec, 1e-3).init, params)
+  return params, state, tokens, jax.ShapeDtypeStruct((), jnp.int32)
+
+
+def peak_bytes(compiled) -> int:
+  """The peak memory of a compiled program, from ``memory_analysis()``.
+
+  XLA's own ``peak_memory_in_bytes`` (its buffer assignment's high-water
+  mark: arguments, outputs and temporaries live at once) where the backend
+  reports it, else the bound arguments + outputs - aliased + temp.
+  """
+  ma = compiled.memory_analysis()
+  peak = int(getattr(ma, 'peak_memory_in_bytes', 0) or 0)
+  if peak > 0:
+    return peak
+  return int(ma.argument_size_in_bytes + ma.output_size_in_bytes
+             - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
+
+
+def compile_step(cfg, spec, param_dtype, batch, seq):
+  info = bench_scale.optimizer_info(spec)
+  _, step = make_step(cfg, lambda every: bench_scale.build(spec, 1e-3, every),
+                      info['refresh'])
+  args = abstract_inputs(cfg, spec, param_dtype, batch, seq)
+  return jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile(), args
+
+
+# --------------------------------------------------------------------------
+# Workers (one optimizer each, in a fresh process).
+
+
+def fit_worker(args) -> dict:
+  """Peaks at 1 and 2 layers for each size and dtype; the extrapolation."""
+  rec = {'optimizer': args.optimizers, 'mode': 'fit', 'batch': args.batch,
+         'seq': args.seq, 'sizes': {}}
+  rec['bytes_limit'] = args.bytes_limit or (bench_scale._mem() or {}).get(
+      'bytes_limit')
+  for dtype in args.param_dtypes.split(','):
+    for size in args.sizes.split(','):
+      full = model_config(size)
+      peaks = []
+      for layers in (1, 2):
+        cfg = model_config(size, layers, seq=args.seq)
+        compiled, _ = compile_step(cfg, args.optimizers, dtype, args.batch,
+                                   args.seq)
+        peaks.append(peak_bytes(compiled))
+        del compiled
+      per_layer = peaks[1] - peaks[0]
+      peak = peaks[0] + (full.num_layers - 1) * per_layer
+      entry = {'layers': full.num_layers, 'n_params': full.num_params(),
+               'peak_1_layer': peaks[0], 'peak_2_layers': peaks[1],
+               'peak_bytes': peak}
+      limit = rec['bytes_limit']
+      if limit:
+        entry['fits'] = peak <= limit
+        max_layers = (math.floor(1 + (limit - peaks[0]) / per_layer)
+                      if per_layer > 0 else None)
+        entry['max_layers'] = max_layers
+        if max_layers and max_layers > 0:
+          entry['max_layers_params'] = model_config(
+              size, max_layers).num_params()
+      rec['sizes'][f'{size}_{dtype}'] = entry
+      bench_scale._log(f'  [{args.optimizers}] {size} {dtype}: peak '
+                       f'{peak / 2**30:.1f} GiB')
+  return rec
+
+
+def time_worker(args) -> dict:
+  """Device time and memory of the full-depth training step of one model."""
+  spec = args.optimizers
+  info = bench_scale.optimizer_info(spec)
+  if args.compile_cache:
+    jax.config.update('jax_compilation_cache_dir', args.compile_cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  dev = jax.devices()[0]
+  rec = {'optimizer': spec, 'mode': 'time', 'model': args.model,
+         'param_dtype': args.param_dtypes, 'batch': args.batch,
+         'seq': args.seq, 'device_kind': dev.device_kind,
+         'jax': jax.__version__, 'optax': optax.__version__,
+         'refresh': info['refresh']}
+  cfg = model_config(args.model, seq=args.seq)
+  _, step = make_step(cfg, lambda every: bench_scale.build(spec, 1e-3, every),
+                      info['refresh'])
+  shapes = abstract_inputs(cfg, spec, args.param_dtypes, args.batch,
+                           args.seq)
+  tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1),
+                              0, cfg.vocab_size, jnp.int32)
+  # The model's own initialization: N(0, 0.02^2) matrices, unit norms.
+  params = jax.jit(lambda: jax.tree.map(
+      lambda x, s: x.astype(s.dtype),
+      llama.Llama(cfg).init(jax.random.key(0), tokens[:1, :-1])['params'],
+      shapes[0]))()
+  tx = bench_scale.build(spec, 1e-3)
+  state = jax.jit(tx.init)(params)
+  if info['refresh']:
+    state, _ = bench_scale.set_counts(state, 1)
+  never = jnp.asarray(bench_scale.NEVER, jnp.int32)
+  jax.block_until_ready((params, state, tokens))
+  rec.update(n_params=cfg.num_params(),
+             param_bytes=bench_scale.tree_bytes(params),
+             state_bytes=bench_scale.tree_bytes(state))
+  mem0 = bench_scale._mem()
+  t0 = time.perf_counter()
+  one = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, tokens, never).compile()
+  rec['compile_s'] = time.perf_counter() - t0
+  rec.update(bench_scale._xla_numbers(one))
+  rec['step_peak_bytes'] = peak_bytes(one)
+  del one
+  steps = args.loop_steps
+
+  def loop(params, state, tokens, every):
+    def body(_, carry):
+      return step(carry[0], carry[1], tokens, every)
+    return jax.lax.fori_loop(0, steps, body,
+                             (params, state, jnp.zeros((), jnp.float32)))
+
+  t0 = time.perf_counter()
+  looped = jax.jit(loop, donate_argnums=(0, 1)).lower(
+      params, state, tokens, never).compile()
+  rec['compile_loop_s'] = time.perf_counter() - t0
+  if args.compile_only:  # --precompile: the programs are in the cache now
+    for layers in (1, 2) if args.check_fit else ():
+      compile_step(model_config(args.model, layers, seq=args.seq), spec,
+                   args.param_dtypes, args.batch, args.seq)
+    return rec
+  params, state, loss = looped(params, state, tokens, never)
+  jax.block_until_ready(loss)
+  rec['loss_after_warmup'] = float(loss)
+  times = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    params, state, loss = looped(params, state, tokens, never)
+    jax.block_until_ready((params, state, loss))
+    times.append((time.perf_counter() - t0) / steps)
+  rec.update(device_ms=1e3 * min(times), device_all_ms=[1e3 * t for t in times],
+             loop_steps=steps, final_loss=float(loss))
+  mem1 = bench_scale._mem()
+  if mem0 and mem1:
+    rec.update(bytes_limit=mem0.get('bytes_limit'),
+               live_before_bytes=mem0['bytes_in_use'],
+               peak_bytes_in_use=mem1['peak_bytes_in_use'])
+  # The fit mode's extrapolation from one and two layers, checked here.
+  if args.check_fit:
+    peaks = []
+    for layers in (1, 2):
+      compiled, _ = compile_step(model_config(args.model, layers,
+                                              seq=args.seq),
+                                 spec, args.param_dtypes, args.batch, args.seq)
+      peaks.append(peak_bytes(compiled))
+    rec['fit_check'] = {
+        'extrapolated_peak_bytes': peaks[0] + (cfg.num_layers - 1) * (
+            peaks[1] - peaks[0]),
+        'compiled_peak_bytes': rec['step_peak_bytes']}
+  return rec
+
+
+def run_worker(args) -> int:
+  try:
+    rec = (fit_worker if args.mode == 'fit' else time_worker)(args)
+    rec['status'] = 'ok'
+  except Exception as e:  # pylint: disable=broad-except
+    msg = f'{type(e).__name__}: {e}'
+    rec = {'optimizer': args.optimizers, 'mode': args.mode,
+           'status': ('oom' if 'RESOURCE_EXHAUSTED' in msg else 'error'),
+           'error': msg[:2000], 'traceback': traceback.format_exc()[-3000:]}
+  print(RECORD_PREFIX + json.dumps(rec), flush=True)
+  sys.stdout.flush()
+  os._exit(0 if rec['status'] == 'ok' else 1)
+
+
+# --------------------------------------------------------------------------
+# The parent.
+
+
+def run_one(args, spec, compile_only=False) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), '--worker',
+         f'--mode={args.mode}', f'--optimizers={spec}',
+         f'--model={args.model}', f'--sizes={args.sizes}',
+         f'--param_dtypes={args.param_dtypes}', f'--batch={args.batch}',
+         f'--seq={args.seq}', f'--loop_steps={args.loop_steps}',
+         f'--repeats={args.repeats}']
+  if args.check_fit:
+    cmd.append('--check_fit')
+  if args.compile_cache:
+    cmd.append(f'--compile_cache={args.compile_cache}')
+  if compile_only:
+    cmd.append('--compile_only')
+  if args.bytes_limit:
+    cmd.append(f'--bytes_limit={args.bytes_limit}')
+  env = dict(os.environ)
+  if compile_only or args.mode == 'fit':
+    # Workers that compile side by side must not each reserve most of the
+    # device's memory up front (jax's default).
+    env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+  if args.mode == 'fit':
+    # Fit against the whole device (jax's default fraction, 0.75, would
+    # leave a quarter of it out), unless the caller set a fraction.
+    env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '1.0')
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          timeout=args.worker_timeout, check=False)
+    out, err = proc.stdout, proc.stderr
+  except subprocess.TimeoutExpired as e:
+    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or '')
+    err = f'killed after {args.worker_timeout} s'
+  lines = [l for l in out.splitlines() if l.startswith(RECORD_PREFIX)]
+  if lines:
+    rec = json.loads(lines[-1][len(RECORD_PREFIX):])
+  else:
+    rec = {'optimizer': spec, 'mode': args.mode, 'status': 'error',
+           'error': err[-2000:]}
+  rec['wall_s'] = time.perf_counter() - t0
+  bench_scale._log(f'{spec}: {rec["status"]} in {rec["wall_s"]:.0f} s'
+                   + (f', {rec["device_ms"]:.2f} ms/step'
+                      if 'device_ms' in rec else ''))
+  return rec
+
+
+def add_ratios(rows):
+  base = next((r for r in rows if r['optimizer'] == 'adamw'
+               and r.get('device_ms')), None)
+  for r in rows:
+    if base and r.get('device_ms'):
+      r['device_vs_adamw'] = r['device_ms'] / base['device_ms']
+
+
+def main_parent(args) -> int:
+  specs = args.optimizers.split(',')
+  if args.precompile:
+    # Compile every worker's programs at once (each into the persistent
+    # cache), then time one at a time, loading them from the cache.
+    with futures.ThreadPoolExecutor(args.precompile) as pool:
+      compiled = list(pool.map(lambda s: run_one(args, s, True), specs))
+  rows = []
+
+  def save():  # after every worker: an interrupted run keeps what it did
+    if args.mode == 'time':
+      add_ratios(rows)
+    doc = {'script': 'scripts/bench_train_step.py', 'argv': sys.argv[1:],
+           'mode': args.mode, 'complete': len(rows) == len(specs),
+           'rows': rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + '.tmp', 'w') as f:
+      json.dump(doc, f, indent=1)
+    os.replace(args.out + '.tmp', args.out)
+
+  with futures.ThreadPoolExecutor(args.parallel) as pool:
+    for i, row in enumerate(pool.map(lambda s: run_one(args, s), specs)):
+      if args.precompile:
+        row['precompile'] = {k: compiled[i].get(k) for k in (
+            'status', 'wall_s', 'compile_s', 'compile_loop_s', 'error')}
+      rows.append(row)
+      save()
+  print(table(args.out))
+  return 0 if all(r['status'] == 'ok' for r in rows) else 1
+
+
+def _gib(x):
+  return '' if x is None else f'{x / 2**30:.1f}'
+
+
+def table(path) -> str:
+  """A Markdown table of a result file."""
+  with open(path) as f:
+    doc = json.load(f)
+  rows = doc['rows']
+  if doc['mode'] == 'time':
+    lines = ['| optimizer | step ms | × adamw | state GiB | XLA peak GiB | '
+             'device peak GiB |', '|---|---:|---:|---:|---:|---:|']
+    for r in rows:
+      if r['status'] != 'ok':
+        lines.append(f"| {r['optimizer']} | {r['status']} | | | | |")
+        continue
+      lines.append(
+          f"| {r['optimizer']} | {r['device_ms']:.2f} | "
+          f"{r.get('device_vs_adamw', float('nan')):.3f} | "
+          f"{_gib(r['state_bytes'])} | {_gib(r['step_peak_bytes'])} | "
+          f"{_gib(r.get('peak_bytes_in_use'))} |")
+    return '\n'.join(lines)
+  keys = list(next((r['sizes'] for r in rows if r['status'] == 'ok'), {}))
+  lines = ['| optimizer | ' + ' | '.join(keys) + ' |',
+           '|---|' + '---:|' * len(keys)]
+  for r in rows:
+    if r['status'] != 'ok':
+      lines.append(f"| {r['optimizer']} | {r['status']} |")
+      continue
+    cells = []
+    for k in keys:
+      e = r['sizes'][k]
+      mark = '' if e.get('fits', True) else ' ✗'
+      cells.append(f"{_gib(e['peak_bytes'])}{mark}")
+    lines.append(f"| {r['optimizer']} | " + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--mode', choices=('time', 'fit'), default='time')
+  p.add_argument('--optimizers', default=DEFAULT_OPTIMIZERS,
+                 help='comma-separated specs (scripts/bench_scale.py)')
+  p.add_argument('--model', default='350m', help='time mode: the size')
+  p.add_argument('--sizes', default='350m,1b,3b,7b', help='fit mode')
+  p.add_argument('--param_dtypes', default='float32',
+                 help='fit mode: comma-separated; time mode: one')
+  p.add_argument('--batch', type=int, default=64)
+  p.add_argument('--seq', type=int, default=256)
+  p.add_argument('--loop_steps', type=int, default=10)
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--check_fit', action='store_true',
+                 help='time mode: also compile 1 and 2 layers, compare')
+  p.add_argument('--bytes_limit', type=int, default=None,
+                 help='fit mode: the memory to fit in (default: the '
+                 "device's bytes_limit)")
+  p.add_argument('--parallel', type=int, default=1,
+                 help='workers at once (fit mode compiles only)')
+  p.add_argument('--precompile', type=int, default=0,
+                 help='time mode: first compile every optimizer this many at '
+                 'a time into --compile_cache, then time them one by one')
+  p.add_argument('--compile_cache', default=None,
+                 help="a folder for jax's persistent compilation cache")
+  p.add_argument('--worker_timeout', type=float, default=600.0)
+  p.add_argument('--out', default='results/bench_train_step/out.json')
+  p.add_argument('--table', default=None, help='print this file\'s table')
+  p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--compile_only', action='store_true',
+                 help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.mode == 'time' and args.parallel != 1:
+    p.error('--parallel: the time mode runs one worker at a time (use '
+            '--precompile to compile in parallel)')
+  if args.precompile and not args.compile_cache:
+    p.error('--precompile needs --compile_cache')
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.table:
+    print(table(args.table))
+    return 0
+  if args.worker:
+    return run_worker(args)
+  return main_parent(args)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
