@@ -10,8 +10,10 @@ step = forward + backward (next-token cross-entropy) + ``tx.update`` +
 ``lax.fori_loop`` of steps over one batch inside one jit (the minimum over
 repeats, divided by the loop's steps); ``× adamw`` is the ratio to
 ``optax.adamw``'s step in the same run. Also recorded: XLA's
-``memory_analysis()`` of the compiled step and the device's high-water mark
-(``memory_stats``). An optimizer with a periodic refresh runs its non-refresh
+``memory_analysis()`` of the compiled loop (the step's buffers and the loop's
+scalar carry; ``--step_memory`` also compiles the single step) and the
+device's high-water mark (``memory_stats``). ``--logs`` keeps each worker's
+phases (a worker killed at ``--worker_timeout`` says where it was). An optimizer with a periodic refresh runs its non-refresh
 step (its ``every`` is a traced value that never comes due; the refresh
 branch is still compiled in, so its buffers count in the memory numbers).
 
@@ -43,6 +45,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -145,6 +148,7 @@ def fit_worker(args) -> dict:
       peaks = []
       for layers in (1, 2):
         cfg = model_config(size, layers, seq=args.seq)
+        progress(rec, f'compile {size} {dtype} {layers} layer(s)')
         compiled, _ = compile_step(cfg, args.optimizers, dtype, args.batch,
                                    args.seq)
         peaks.append(peak_bytes(compiled))
@@ -167,6 +171,16 @@ def fit_worker(args) -> dict:
       bench_scale._log(f'  [{args.optimizers}] {size} {dtype}: peak '
                        f'{peak / 2**30:.1f} GiB')
   return rec
+
+
+_T0 = time.perf_counter()
+
+
+def progress(rec, phase):
+  """Marks the worker's phase (on stderr, kept in the parent's log)."""
+  rec['phase'] = phase
+  bench_scale._log(f'[{time.perf_counter() - _T0:7.1f} s] '
+                   f'{rec["optimizer"]}: {phase}')
 
 
 def time_worker(args) -> dict:
@@ -200,17 +214,20 @@ def time_worker(args) -> dict:
     state, _ = bench_scale.set_counts(state, 1)
   never = jnp.asarray(bench_scale.NEVER, jnp.int32)
   jax.block_until_ready((params, state, tokens))
+  progress(rec, 'setup done')
   rec.update(n_params=cfg.num_params(),
              param_bytes=bench_scale.tree_bytes(params),
              state_bytes=bench_scale.tree_bytes(state))
   mem0 = bench_scale._mem()
-  t0 = time.perf_counter()
-  one = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, state, tokens, never).compile()
-  rec['compile_s'] = time.perf_counter() - t0
-  rec.update(bench_scale._xla_numbers(one))
-  rec['step_peak_bytes'] = peak_bytes(one)
-  del one
+  progress(rec, 'compile')
+  if args.step_memory:
+    # The single step's own memory_analysis (a second compile of the model).
+    t0 = time.perf_counter()
+    one = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, state, tokens, never).compile()
+    rec['compile_step_s'] = time.perf_counter() - t0
+    rec['single_step_peak_bytes'] = peak_bytes(one)
+    del one
   steps = args.loop_steps
 
   def loop(params, state, tokens, every):
@@ -223,11 +240,15 @@ def time_worker(args) -> dict:
   looped = jax.jit(loop, donate_argnums=(0, 1)).lower(
       params, state, tokens, never).compile()
   rec['compile_loop_s'] = time.perf_counter() - t0
+  # Memory of the loop program: the step's, plus the loop's scalar carry.
+  rec.update(bench_scale._xla_numbers(looped))
+  rec['step_peak_bytes'] = peak_bytes(looped)
   if args.compile_only:  # --precompile: the programs are in the cache now
     for layers in (1, 2) if args.check_fit else ():
       compile_step(model_config(args.model, layers, seq=args.seq), spec,
                    args.param_dtypes, args.batch, args.seq)
     return rec
+  progress(rec, 'steps')
   params, state, loss = looped(params, state, tokens, never)
   jax.block_until_ready(loss)
   rec['loss_after_warmup'] = float(loss)
@@ -246,6 +267,7 @@ def time_worker(args) -> dict:
                peak_bytes_in_use=mem1['peak_bytes_in_use'])
   # The fit mode's extrapolation from one and two layers, checked here.
   if args.check_fit:
+    progress(rec, 'check_fit')
     peaks = []
     for layers in (1, 2):
       compiled, _ = compile_step(model_config(args.model, layers,
@@ -286,6 +308,8 @@ def run_one(args, spec, compile_only=False) -> dict:
          f'--repeats={args.repeats}']
   if args.check_fit:
     cmd.append('--check_fit')
+  if args.step_memory:
+    cmd.append('--step_memory')
   if args.compile_cache:
     cmd.append(f'--compile_cache={args.compile_cache}')
   if compile_only:
@@ -308,13 +332,22 @@ def run_one(args, spec, compile_only=False) -> dict:
     out, err = proc.stdout, proc.stderr
   except subprocess.TimeoutExpired as e:
     out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or '')
-    err = f'killed after {args.worker_timeout} s'
+    err = (e.stderr.decode() if isinstance(e.stderr, bytes)
+           else (e.stderr or '')) + f'\nkilled after {args.worker_timeout} s'
+  if args.logs:
+    os.makedirs(args.logs, exist_ok=True)
+    name = re.sub(r'[^A-Za-z0-9_.=-]+', '_', spec)
+    with open(os.path.join(args.logs, f'{args.mode}_{name}'
+                           f'{"_compile" if compile_only else ""}.log'),
+              'w') as f:
+      f.write(err or '')
   lines = [l for l in out.splitlines() if l.startswith(RECORD_PREFIX)]
   if lines:
     rec = json.loads(lines[-1][len(RECORD_PREFIX):])
   else:
+    phases = re.findall(r'\] [^\n]*: ([^\n]*)', err or '')
     rec = {'optimizer': spec, 'mode': args.mode, 'status': 'error',
-           'error': err[-2000:]}
+           'phase': phases[-1] if phases else None, 'error': err[-2000:]}
   rec['wall_s'] = time.perf_counter() - t0
   bench_scale._log(f'{spec}: {rec["status"]} in {rec["wall_s"]:.0f} s'
                    + (f', {rec["device_ms"]:.2f} ms/step'
@@ -354,7 +387,7 @@ def main_parent(args) -> int:
     for i, row in enumerate(pool.map(lambda s: run_one(args, s), specs)):
       if args.precompile:
         row['precompile'] = {k: compiled[i].get(k) for k in (
-            'status', 'wall_s', 'compile_s', 'compile_loop_s', 'error')}
+            'status', 'wall_s', 'compile_loop_s', 'error')}
       rows.append(row)
       save()
   print(table(args.out))
@@ -413,6 +446,11 @@ def parse_args(argv=None):
   p.add_argument('--seq', type=int, default=256)
   p.add_argument('--loop_steps', type=int, default=10)
   p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--step_memory', action='store_true',
+                 help="time mode: also compile the single step for its own "
+                 'memory_analysis (by default the loop program\'s)')
+  p.add_argument('--logs', default=None,
+                 help="a folder for each worker's stderr (its phases)")
   p.add_argument('--check_fit', action='store_true',
                  help='time mode: also compile 1 and 2 layers, compare')
   p.add_argument('--bytes_limit', type=int, default=None,

@@ -211,36 +211,50 @@ def hlo_traffic(text: str, top: int = 12) -> dict:
   custom call, a copy, a reduction, ...), its operands' bytes read and its
   output's bytes written, where a fusion's parameter used only through slices
   counts the slices and an in-place dynamic-update-slice counts the update.
-  Instructions of a while loop's body are counted once, not per trip.
+  Instructions of a while loop's body are counted once, not per trip; those
+  of a conditional's branches are counted for every branch and also totalled
+  apart (``branch_bytes``), since a step runs one branch of each: without
+  conditionals ``bytes`` is the step's count, with them it lies between
+  ``bytes - branch_bytes`` and ``bytes``.
 
   Args:
     text: the HLO module after optimizations.
     top: how many kernels to list.
 
   Returns:
-    ``{'bytes': total, 'kernels': count, 'loops': while loops seen,
-    'top': [{'name', 'op', 'source', 'read', 'written'}, ...]}`` (largest
-    first; ``source`` is the instruction's jax op name).
+    ``{'bytes': total, 'branch_bytes': of kernels inside conditionals,
+    'kernels': count, 'loops': while loops seen, 'conditionals': count,
+    'top': [{'name', 'op', 'source', 'read', 'written', 'in_branch'}, ...]}``
+    (largest first; ``source`` is the instruction's jax op name).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> text = jax.jit(lambda x: x * 2.0).lower(
+    ...     jnp.ones((256, 256))).compile().as_text()
+    >>> hlo_traffic(text)['bytes']  # read and write 256 x 256 float32
+    524288
   """
   comps, entry = computations(text)
   types = {name: t for comp in comps.values() for name, t, *_ in comp}
-  kernels, loops = [], 0
+  kernels, counts = [], {'while': 0, 'conditional': 0}
 
-  def visit(comp_name):
-    nonlocal loops
+  def visit(comp_name, in_branch):
     for name, type_str, opcode, operands, attrs in comps.get(comp_name, []):
       if opcode in _FREE:
         continue
       called = re.findall(r'(?:calls|body|to_apply|branch_computations)='
                           r'\{?%?([\w.\-]+)', attrs)
       if opcode in ('while', 'call', 'conditional'):
-        loops += opcode == 'while'
-        for c in re.findall(r'(?:body|to_apply|true_computation|'
-                            r'false_computation)=%?([\w.\-]+)', attrs) + (
-                                re.findall(r'%([\w.\-]+)', attrs.split(
-                                    'branch_computations=')[1].split('}')[0])
-                                if 'branch_computations=' in attrs else []):
-          visit(c)
+        counts[opcode] = counts.get(opcode, 0) + 1
+        branches = re.findall(r'(?:true_computation|false_computation)='
+                              r'%?([\w.\-]+)', attrs)
+        if 'branch_computations=' in attrs:
+          branches += re.findall(r'%?([\w.\-]+)', attrs.split(
+              'branch_computations={')[1].split('}')[0])
+        for c in re.findall(r'(?:body|to_apply)=%?([\w.\-]+)', attrs):
+          visit(c, in_branch)
+        for c in branches:
+          visit(c, True)
         continue
       sizes = [type_bytes(types.get(o, '')) for o in operands]
       if opcode == 'fusion' and called:
@@ -252,12 +266,16 @@ def hlo_traffic(text: str, top: int = 12) -> dict:
       source = re.search(r'op_name="([^"]*)"', attrs)
       kernels.append({'name': name, 'op': opcode,
                       'source': source.group(1) if source else '',
-                      'read': read, 'written': written})
+                      'read': read, 'written': written,
+                      'in_branch': in_branch})
 
-  visit(entry)
+  visit(entry, False)
   kernels.sort(key=lambda k: -(k['read'] + k['written']))
-  return {'bytes': sum(k['read'] + k['written'] for k in kernels),
-          'kernels': len(kernels), 'loops': loops, 'top': kernels[:top]}
+  moved = lambda ks: sum(k['read'] + k['written'] for k in ks)  # noqa: E731
+  return {'bytes': moved(kernels),
+          'branch_bytes': moved(k for k in kernels if k['in_branch']),
+          'kernels': len(kernels), 'loops': counts['while'],
+          'conditionals': counts['conditional'], 'top': kernels[:top]}
 
 
 def worker(model: str, dtype: str, spec: str, top: int = 8):
@@ -305,6 +323,8 @@ def worker(model: str, dtype: str, spec: str, top: int = 8):
       'hlo_vs_ideal': traffic['bytes'] / ideal,
       'hlo_kernels': traffic['kernels'],
       'hlo_loops': traffic['loops'],
+      'hlo_conditionals': traffic['conditionals'],
+      'hlo_branch_bytes': traffic['branch_bytes'],
       'largest_kernels': traffic['top'],
   }), flush=True)
 

@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -258,6 +260,20 @@ def test_hlo_traffic_counts_each_kernel_bytes():
   assert [k['source'] for k in t['top'] if k['name'] == 's'] == [
       'jit(step)/slice']
   assert xla_memory.type_bytes('(f32[2,3]{1,0}, bf16[4]{0}, pred[])') == 33
+  assert t['branch_bytes'] == 0 and t['conditionals'] == 0
+
+
+def test_hlo_traffic_totals_conditional_branches_apart():
+  """A compiled lax.cond: each branch's kernel is counted (one 1 MiB
+  read + write each) and totalled apart, since a step runs one of them."""
+  import xla_memory  # pylint: disable=import-outside-toplevel
+  f = lambda x, p: jax.lax.cond(p, lambda: x * 2.0, lambda: x + 1.0)  # noqa: E731
+  text = jax.jit(f).lower(jnp.ones((256, 256)), True).compile().as_text()
+  t = xla_memory.hlo_traffic(text)
+  assert t['conditionals'] == 1
+  assert t['branch_bytes'] == 2 * 2 * 256 * 256 * 4
+  assert t['bytes'] - t['branch_bytes'] < 64  # the predicate only
+  assert all(k['in_branch'] for k in t['top'] if k['read'] > 1024)
 
 @pytest.mark.slow  # a subprocess that compiles two optimizers: ~25 s
 def test_refresh_schedule_times_one_period(tmp_path):
@@ -315,14 +331,16 @@ def test_train_step_bench_times_and_fits(tmp_path):
   peak = check['compiled_peak_bytes']
   proc = subprocess.run(
       [sys.executable, script, '--mode=fit', '--sizes=60m',
-       '--optimizers=adamw,sign_fsgd', f'--bytes_limit={peak}',
+       '--optimizers=adamw,sign_fsgd', f'--bytes_limit={peak + 1024}',
        f'--out={fit_out}', *common], cwd=ROOT, env=env, capture_output=True,
       text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = {r['optimizer']: r for r in json.loads(fit_out.read_text())['rows']}
   adamw, sign = rows['adamw']['sizes']['60m_float32'], rows['sign_fsgd'][
       'sizes']['60m_float32']
-  assert adamw['peak_bytes'] == peak and adamw['fits']
+  # The loop program's peak (its scalar carry too) against the 1- and
+  # 2-layer extrapolation: equal up to a few bytes.
+  assert abs(adamw['peak_bytes'] - peak) <= 1e-3 * peak and adamw['fits']
   assert adamw['max_layers'] == 8 and adamw['layers'] == 8
   # signFSGD keeps m + n values per matrix instead of Adam's 2mn: deeper.
   assert sign['peak_bytes'] < peak and sign['max_layers'] > 8
