@@ -329,18 +329,55 @@ def worker(model: str, dtype: str, spec: str, top: int = 8):
   }), flush=True)
 
 
+def table(paths) -> str:
+  """A Markdown table of result files: the step's bytes in params' bytes.
+
+  ``passes`` = HLO bytes / the params' bytes: how many params-sized arrays
+  the step reads and writes (adamw: 7; an exact factored step: 4-5);
+  ``× adamw`` = the HLO bytes over adamw's in the same files.
+  """
+  rows = []
+  for path in paths:
+    with open(path) as f:
+      rows += [json.loads(line) for line in f if line.strip()]
+  base = next((r['hlo_bytes'] for r in rows
+               if r['optimizer'] == 'adamw' and 'hlo_bytes' in r), None)
+  lines = ['| optimizer | HLO GB | passes | × adamw | ideal passes | '
+           'kernels | temp MiB | conditionals |',
+           '|---|' + '---:|' * 7]
+  for r in rows:
+    if 'hlo_bytes' not in r:
+      lines.append(f"| {r['optimizer']} | failed | | | | | | |")
+      continue
+    p = r['param_bytes']
+    ratio = f"{r['hlo_bytes'] / base:.3f}" if base else ''
+    lines.append(
+        f"| {r['optimizer']} | {r['hlo_bytes'] / 1e9:.2f} | "
+        f"{r['hlo_bytes'] / p:.2f} | {ratio} | {r['ideal_bytes'] / p:.2f} | "
+        f"{r['hlo_kernels']} | {r['temp_bytes'] / 2**20:.1f} | "
+        f"{r.get('hlo_conditionals', '?')} |")
+  return '\n'.join(lines)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('specs', nargs='+')
+  p.add_argument('specs', nargs='*')
   p.add_argument('--model', default='llama1b')
   p.add_argument('--dtype', default='float32')
   p.add_argument('--top', type=int, default=8)
   p.add_argument('--out', default=None, help='JSON lines file (appended)')
   p.add_argument('--dump', default=None, help='folder for the XLA dumps')
   p.add_argument('--keep_dumps', action='store_true')
+  p.add_argument('--table', nargs='+', default=None, metavar='JSONL',
+                 help='print the Markdown table of these result files')
   p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.table:
+    print(table(args.table))
+    return 0
+  if not args.specs:
+    p.error('give at least one optimizer spec (or --table)')
   if args.worker:
     worker(args.model, args.dtype, args.specs[0], args.top)
     return 0
@@ -350,6 +387,10 @@ def main(argv=None):
     env = dict(os.environ, XLA_FLAGS=(
         os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={folder}'
         ' --xla_dump_hlo_module_re=.*jit_step.*').strip())
+    # Nothing of the model is allocated, but jax would reserve 75% of the
+    # device up front: several of these side by side then starve each
+    # other's autotuning (it ran out of memory on an H200 with six).
+    env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
     run = subprocess.run(
         [sys.executable, __file__, '--worker', f'--model={args.model}',
          f'--dtype={args.dtype}', f'--top={args.top}', spec], env=env, capture_output=True,
