@@ -365,6 +365,15 @@ def add_ratios(rows):
 
 def main_parent(args) -> int:
   specs = args.optimizers.split(',')
+  for spec in specs:
+    try:
+      bench_scale.parse_spec(spec)
+    except (ValueError, SyntaxError) as e:
+      raise SystemExit(f'bench_train_step: --optimizers: {e}') from None
+  for size in ([args.model] if args.mode == 'time' else args.sizes.split(',')):
+    if size not in llama.SIZES:
+      raise SystemExit(f'bench_train_step: unknown LLaMA size {size!r}; '
+                       f'known: {", ".join(llama.SIZES)}')
   if args.precompile:
     # Compile every worker's programs at once (each into the persistent
     # cache), then time one at a time, loading them from the cache.
