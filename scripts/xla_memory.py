@@ -106,7 +106,7 @@ def _closing(text: str, start: int) -> int:
 def parse_instruction(line: str):
   """(name, type, opcode, operand names, attributes) of one HLO line, or None."""
   body = line.strip()
-  if body.startswith('ROOT '):
+  if body.startswith('ROOT '):  # computations() records the root's name
     body = body[5:]
   name, sep, rest = body.partition(' = ')
   if not sep or ' ' in name:
@@ -126,8 +126,12 @@ def parse_instruction(line: str):
 
 
 def computations(text: str) -> dict:
-  """``{computation name: [parsed instructions]}`` and the entry's name."""
-  comps, current, entry = {}, None, None
+  """``{computation name: [parsed instructions]}`` and the entry's name.
+
+  Each computation's ROOT instruction comes first in its list, the others
+  follow in the text's order.
+  """
+  comps, roots, current, entry = {}, {}, None, None
   for line in text.splitlines():
     m = _HEADER.match(line)
     if m:
@@ -142,7 +146,12 @@ def computations(text: str) -> dict:
     if current is not None:
       parsed = parse_instruction(line)
       if parsed:
+        if line.lstrip().startswith('ROOT '):
+          roots[current] = parsed[0]
         comps[current].append(parsed)
+  # The root first: _fusion_write_bytes reads it from there.
+  for name, root in roots.items():
+    comps[name].sort(key=lambda inst, root=root: inst[0] != root)
   return comps, entry
 
 
@@ -184,7 +193,7 @@ def _param_read_bytes(comp: list, index: int, full: int) -> int:
 
 def _fusion_write_bytes(comp: list, out_type: str) -> int:
   """Bytes a fusion writes: its output, less in-place update-slice buffers."""
-  root = comp[-1] if comp else None
+  root = comp[0] if comp else None  # computations() puts the ROOT first
   types = {name: t for name, t, *_ in comp}
   ops = {name: (opcode, operands) for name, _, opcode, operands, _ in comp}
   if root is None:
