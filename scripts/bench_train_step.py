@@ -19,15 +19,15 @@ branch is still compiled in, so its buffers count in the memory numbers).
 
 ``--mode=fit``: compile only (abstract shapes, nothing allocated) the same
 step for each model of ``--sizes`` at one and at two layers, and read the
-peak of ``memory_analysis()`` (XLA's high-water mark of arguments, outputs
-and temporaries, :func:`peak_bytes`). Every term grows linearly with the depth (one layer's parameters, gradients,
+peak of ``memory_analysis()`` (arguments + outputs - aliased + temp:
+``peak_bytes``). Every term grows linearly with the depth (one layer's parameters, gradients,
 state and saved activations each), so the peak at the model's depth L is
 ``peak(1) + (L - 1) (peak(2) - peak(1))``: the model fits when that is at
 most the device's memory (``bytes_limit`` of ``memory_stats``, with
 ``XLA_PYTHON_CLIENT_MEM_FRACTION=1.0`` unless set: the whole device, not jax's
-default three quarters of it). The time
-mode's full-depth compile of the same step checks the extrapolation
-(``fit_check`` in the result).
+default three quarters of it). With ``--check_fit`` the time mode compiles
+the 1- and 2-layer steps too and compares the extrapolation with its
+full-depth program (``fit_check`` in the result).
 
     python scripts/bench_train_step.py --mode=time --model=350m \\
         --out=results/bench_train_step/llama350m_time.json
@@ -110,16 +110,15 @@ def abstract_inputs(cfg, spec, param_dtype, batch, seq):
 
 
 def peak_bytes(compiled) -> int:
-  """The peak memory of a compiled program, from ``memory_analysis()``.
+  """Arguments + outputs - aliased + temp of a compiled program (bytes).
 
-  XLA's own ``peak_memory_in_bytes`` (its buffer assignment's high-water
-  mark: arguments, outputs and temporaries live at once) where the backend
-  reports it, else the bound arguments + outputs - aliased + temp.
+  From ``memory_analysis()``: everything the program holds at once, the
+  temp buffer being XLA's packed allocation of every temporary. On a GPU it
+  equals XLA's own ``peak_memory_in_bytes`` (e.g. ``results/bench_scale``,
+  call 7: 24.3 GB of arguments + 10.2 GB of temp); the CPU backend's
+  ``peak_memory_in_bytes`` leaves the temporaries out, so it is not used.
   """
   ma = compiled.memory_analysis()
-  peak = int(getattr(ma, 'peak_memory_in_bytes', 0) or 0)
-  if peak > 0:
-    return peak
   return int(ma.argument_size_in_bytes + ma.output_size_in_bytes
              - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
 
@@ -285,6 +284,7 @@ def run_worker(args) -> int:
   try:
     rec = (fit_worker if args.mode == 'fit' else time_worker)(args)
     rec['status'] = 'ok'
+    progress(rec, 'done')
   except Exception as e:  # pylint: disable=broad-except
     msg = f'{type(e).__name__}: {e}'
     rec = {'optimizer': args.optimizers, 'mode': args.mode,
@@ -386,7 +386,7 @@ def main_parent(args) -> int:
       add_ratios(rows)
     doc = {'script': 'scripts/bench_train_step.py', 'argv': sys.argv[1:],
            'mode': args.mode, 'complete': len(rows) == len(specs),
-           'rows': rows}
+           'failed': sum(r['status'] != 'ok' for r in rows), 'rows': rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + '.tmp', 'w') as f:
       json.dump(doc, f, indent=1)
@@ -407,6 +407,13 @@ def _gib(x):
   return '' if x is None else f'{x / 2**30:.1f}'
 
 
+def _failure(r) -> str:
+  """A failed row in one cell: status, last phase, the error's last line."""
+  error = (r.get('error') or '').strip().splitlines()
+  text = f"{r['status']} ({r.get('phase') or '?'}): {error[-1] if error else ''}"
+  return text[:160].replace('|', '/')
+
+
 def table(path) -> str:
   """A Markdown table of a result file."""
   with open(path) as f:
@@ -417,7 +424,7 @@ def table(path) -> str:
              'device peak GiB |', '|---|---:|---:|---:|---:|---:|']
     for r in rows:
       if r['status'] != 'ok':
-        lines.append(f"| {r['optimizer']} | {r['status']} | | | | |")
+        lines.append(f"| {r['optimizer']} | {_failure(r)} | | | | |")
         continue
       lines.append(
           f"| {r['optimizer']} | {r['device_ms']:.2f} | "
@@ -426,11 +433,15 @@ def table(path) -> str:
           f"{_gib(r.get('peak_bytes_in_use'))} |")
     return '\n'.join(lines)
   keys = list(next((r['sizes'] for r in rows if r['status'] == 'ok'), {}))
-  lines = ['| optimizer | ' + ' | '.join(keys) + ' |',
+  if not keys:
+    return '\n'.join(['| optimizer | failure |', '|---|---|'] + [
+        f"| {r['optimizer']} | {_failure(r)} |" for r in rows])
+  lines = ['| optimizer | ' + ' | '.join(f'{k} GiB' for k in keys) + ' |',
            '|---|' + '---:|' * len(keys)]
   for r in rows:
     if r['status'] != 'ok':
-      lines.append(f"| {r['optimizer']} | {r['status']} |")
+      lines.append(f"| {r['optimizer']} | {_failure(r)} |"
+                   + ' |' * (len(keys) - 1))
       continue
     cells = []
     for k in keys:
@@ -447,14 +458,19 @@ def parse_args(argv=None):
   p.add_argument('--mode', choices=('time', 'fit'), default='time')
   p.add_argument('--optimizers', default=DEFAULT_OPTIMIZERS,
                  help='comma-separated specs (scripts/bench_scale.py)')
-  p.add_argument('--model', default='350m', help='time mode: the size')
-  p.add_argument('--sizes', default='350m,1b,3b,7b', help='fit mode')
+  sizes = ', '.join(llama.SIZES)
+  p.add_argument('--model', default='350m',
+                 help=f'time mode: the LLaMA size ({sizes})')
+  p.add_argument('--sizes', default='350m,1b,3b,7b',
+                 help=f'fit mode: comma-separated sizes ({sizes})')
   p.add_argument('--param_dtypes', default='float32',
                  help='fit mode: comma-separated; time mode: one')
-  p.add_argument('--batch', type=int, default=64)
-  p.add_argument('--seq', type=int, default=256)
-  p.add_argument('--loop_steps', type=int, default=10)
-  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--batch', type=int, default=64, help='sequences per step')
+  p.add_argument('--seq', type=int, default=256, help='tokens per sequence')
+  p.add_argument('--loop_steps', type=int, default=10,
+                 help='time mode: training steps per timed call')
+  p.add_argument('--repeats', type=int, default=3,
+                 help='time mode: timed calls (the fastest is reported)')
   p.add_argument('--step_memory', action='store_true',
                  help="time mode: also compile the single step for its own "
                  'memory_analysis (by default the loop program\'s)')
@@ -472,8 +488,10 @@ def parse_args(argv=None):
                  'a time into --compile_cache, then time them one by one')
   p.add_argument('--compile_cache', default=None,
                  help="a folder for jax's persistent compilation cache")
-  p.add_argument('--worker_timeout', type=float, default=600.0)
-  p.add_argument('--out', default='results/bench_train_step/out.json')
+  p.add_argument('--worker_timeout', type=float, default=600.0,
+                 help='seconds before a worker is killed (its row then says '
+                 'its last phase)')
+  p.add_argument('--out', default=None, help='the result JSON file')
   p.add_argument('--table', default=None, help='print this file\'s table')
   p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--compile_only', action='store_true',
@@ -482,6 +500,8 @@ def parse_args(argv=None):
   if args.mode == 'time' and args.parallel != 1:
     p.error('--parallel: the time mode runs one worker at a time (use '
             '--precompile to compile in parallel)')
+  if not (args.out or args.table or args.worker):
+    p.error('--out: give the result file (or --table FILE to print one)')
   if args.precompile and not args.compile_cache:
     p.error('--precompile needs --compile_cache')
   return args

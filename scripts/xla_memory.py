@@ -342,26 +342,38 @@ def table(paths) -> str:
   """A Markdown table of result files: the step's bytes in params' bytes.
 
   ``passes`` = HLO bytes / the params' bytes: how many params-sized arrays
-  the step reads and writes (adamw: 7; an exact factored step: 4-5);
-  ``× adamw`` = the HLO bytes over adamw's in the same files.
+  the step reads and writes (adamw: 7); ``× adamw`` = the HLO bytes over
+  adamw's (from the same files); ``p, g, state passes`` = reading p, g and
+  the state and writing p and the state once, in the same unit
+  (``ideal_bytes``: no pass for statistics). ``branches`` is the number of
+  conditionals, whose branches are all counted (records written before it
+  was recorded show ``?``).
   """
   rows = []
   for path in paths:
     with open(path) as f:
-      rows += [json.loads(line) for line in f if line.strip()]
-  base = next((r['hlo_bytes'] for r in rows
+      rows += [(os.path.basename(path), json.loads(line))
+               for line in f if line.strip()]
+  base = next((r['hlo_bytes'] for _, r in rows
                if r['optimizer'] == 'adamw' and 'hlo_bytes' in r), None)
-  lines = ['| optimizer | HLO GB | passes | × adamw | ideal passes | '
-           'kernels | temp MiB | conditionals |',
-           '|---|' + '---:|' * 7]
-  for r in rows:
+  lines = ['| optimizer | file | HLO GB | passes | × adamw | '
+           'p, g, state passes | kernels | temp MiB | branches |',
+           '|---|---|' + '---:|' * 7]
+  for name, r in rows:
     if 'hlo_bytes' not in r:
-      lines.append(f"| {r['optimizer']} | failed | | | | | | |")
+      error = [l.strip() for l in (r.get('error') or '').splitlines()
+               if l.strip() and not l.strip().startswith('@')]
+      said = next((l for l in error if re.search(
+          r'Out of memory|RESOURCE_EXHAUSTED|Check fail|expects|Error', l)),
+                  error[-1] if error else '')
+      said = said[:80].replace('|', '/')
+      lines.append(f"| {r['optimizer']} | {name} | failed: {said} |"
+                   + ' |' * 6)
       continue
     p = r['param_bytes']
     ratio = f"{r['hlo_bytes'] / base:.3f}" if base else ''
     lines.append(
-        f"| {r['optimizer']} | {r['hlo_bytes'] / 1e9:.2f} | "
+        f"| {r['optimizer']} | {name} | {r['hlo_bytes'] / 1e9:.2f} | "
         f"{r['hlo_bytes'] / p:.2f} | {ratio} | {r['ideal_bytes'] / p:.2f} | "
         f"{r['hlo_kernels']} | {r['temp_bytes'] / 2**20:.1f} | "
         f"{r.get('hlo_conditionals', '?')} |")

@@ -322,7 +322,8 @@ def test_train_step_bench_times_and_fits(tmp_path):
       timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = json.loads(time_out.read_text())['rows']
-  assert row['status'] == 'ok' and row['device_vs_adamw'] == 1.0
+  assert row['status'] == 'ok' and row['phase'] == 'done'
+  assert row['device_vs_adamw'] == 1.0
   assert row['n_params'] == 58_073_600
   assert row['final_loss'] < row['loss_after_warmup']
   check = row['fit_check']
@@ -346,3 +347,10 @@ def test_train_step_bench_times_and_fits(tmp_path):
   assert sign['peak_bytes'] < peak and sign['max_layers'] > 8
   assert sign['max_layers_params'] > adamw['n_params']
   assert '60m_float32' in proc.stdout  # the table
+  # A typo is refused before any worker starts.
+  proc = subprocess.run(
+      [sys.executable, script, '--optimizers=adamw,adamx', f'--out={fit_out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+      check=False)
+  assert proc.returncode != 0
+  assert "unknown optimizer 'adamx'" in proc.stderr
