@@ -354,3 +354,34 @@ def test_train_step_bench_times_and_fits(tmp_path):
       check=False)
   assert proc.returncode != 0
   assert "unknown optimizer 'adamx'" in proc.stderr
+
+
+def test_result_tables_show_ratios_and_failures(tmp_path):
+  """xla_memory --table: passes and ratios to adamw's bytes, a failed
+  compile with its cause; bench_train_step --table: a failed worker with
+  its last phase and error, a fit table of failures only."""
+  import xla_memory  # pylint: disable=import-outside-toplevel
+  import bench_train_step  # pylint: disable=import-outside-toplevel
+  gb = 10 ** 9
+  rows = [dict(optimizer='adamw', param_bytes=gb, hlo_bytes=7 * gb,
+               ideal_bytes=7 * gb, hlo_kernels=10, temp_bytes=0),
+          dict(optimizer='hfac', param_bytes=gb, hlo_bytes=6 * gb,
+               ideal_bytes=3 * gb, hlo_kernels=40, temp_bytes=2 ** 20,
+               hlo_conditionals=0),
+          dict(optimizer='smmf', error='Traceback\nRESOURCE_EXHAUSTED: Out '
+               'of memory while trying to allocate 58.66MiB\n    @ 0x1 f()')]
+  path = tmp_path / 'traffic.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  lines = xla_memory.table([str(path)]).splitlines()
+  assert lines[2].split(' | ')[2:6] == ['7.00', '7.00', '1.000', '7.00']
+  assert lines[3].split(' | ')[2:6] == ['6.00', '6.00', '0.857', '3.00']
+  assert lines[3].endswith('| 0 |') and lines[2].endswith('| ? |')
+  assert 'failed: RESOURCE_EXHAUSTED: Out of memory' in lines[4]
+  failed = {'optimizer': 'adamw', 'status': 'error', 'phase': 'compile',
+            'error': 'boom\nkilled after 200.0 s'}
+  for mode in ('time', 'fit'):
+    doc = tmp_path / f'{mode}.json'
+    doc.write_text(json.dumps({'mode': mode, 'rows': [failed]}))
+    text = bench_train_step.table(str(doc))
+    assert '| adamw | error (compile): killed after 200.0 s |' in text
+    assert text.splitlines()[1].startswith('|---|')
