@@ -78,9 +78,14 @@ def model_config(size: str, layers=None, dtype='bfloat16', seq=256):
   return llama.LlamaConfig.from_size(size, **overrides)
 
 
-def make_step(cfg, tx, refresh: bool):
-  """``step(params, state, tokens, every) -> (params, state, loss)``."""
+def make_step(cfg, spec):
+  """``step(params, state, tokens, every) -> (params, state, loss)``.
+
+  ``every`` (traced) is the refresh period of an optimizer that has one
+  (``bench_scale.build``'s override), ignored otherwise.
+  """
   model = llama.Llama(cfg)
+  refresh = bench_scale.optimizer_info(spec)['refresh']
 
   def loss_fn(params, tokens):
     logits = model.apply({'params': params}, tokens[:, :-1])
@@ -89,11 +94,11 @@ def make_step(cfg, tx, refresh: bool):
 
   def step(params, state, tokens, every):
     loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-    t = tx(every if refresh else None)
-    updates, state = t.update(grads, state, params)
+    tx = bench_scale.build(spec, 1e-3, every if refresh else None)
+    updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  return model, step
+  return step
 
 
 def abstract_inputs(cfg, spec, param_dtype, batch, seq):
@@ -124,12 +129,20 @@ def peak_bytes(compiled) -> int:
              - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
 
 
-def compile_step(cfg, spec, param_dtype, batch, seq):
-  info = bench_scale.optimizer_info(spec)
-  _, step = make_step(cfg, lambda every: bench_scale.build(spec, 1e-3, every),
-                      info['refresh'])
-  args = abstract_inputs(cfg, spec, param_dtype, batch, seq)
-  return jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile(), args
+def layer_peaks(size, spec, param_dtype, batch, seq) -> tuple[int, int]:
+  """:func:`peak_bytes` of the step compiled at 1 and at 2 layers (abstract)."""
+  peaks = []
+  for layers in (1, 2):
+    cfg = model_config(size, layers, seq=seq)
+    args = abstract_inputs(cfg, spec, param_dtype, batch, seq)
+    peaks.append(peak_bytes(jax.jit(make_step(cfg, spec), donate_argnums=(
+        0, 1)).lower(*args).compile()))
+  return peaks[0], peaks[1]
+
+
+def extrapolate(peaks, layers) -> int:
+  """The peak at ``layers`` from the peaks at 1 and 2 (linear in depth)."""
+  return peaks[0] + (layers - 1) * (peaks[1] - peaks[0])
 
 
 # --------------------------------------------------------------------------
@@ -145,16 +158,10 @@ def fit_worker(args) -> dict:
   for dtype in args.param_dtypes.split(','):
     for size in args.sizes.split(','):
       full = model_config(size)
-      peaks = []
-      for layers in (1, 2):
-        cfg = model_config(size, layers, seq=args.seq)
-        progress(rec, f'compile {size} {dtype} {layers} layer(s)')
-        compiled, _ = compile_step(cfg, args.optimizers, dtype, args.batch,
-                                   args.seq)
-        peaks.append(peak_bytes(compiled))
-        del compiled
+      progress(rec, f'compile {size} {dtype} at 1 and 2 layers')
+      peaks = layer_peaks(size, args.optimizers, dtype, args.batch, args.seq)
       per_layer = peaks[1] - peaks[0]
-      peak = peaks[0] + (full.num_layers - 1) * per_layer
+      peak = extrapolate(peaks, full.num_layers)
       entry = {'layers': full.num_layers, 'n_params': full.num_params(),
                'peak_1_layer': peaks[0], 'peak_2_layers': peaks[1],
                'peak_bytes': peak}
@@ -187,18 +194,14 @@ def time_worker(args) -> dict:
   """Device time and memory of the full-depth training step of one model."""
   spec = args.optimizers
   info = bench_scale.optimizer_info(spec)
-  if args.compile_cache:
-    jax.config.update('jax_compilation_cache_dir', args.compile_cache)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   dev = jax.devices()[0]
   rec = {'optimizer': spec, 'mode': 'time', 'model': args.model,
-         'param_dtype': args.param_dtypes, 'batch': args.batch,
+         'dtype': args.param_dtypes, 'batch': args.batch,
          'seq': args.seq, 'device_kind': dev.device_kind,
          'jax': jax.__version__, 'optax': optax.__version__,
          'refresh': info['refresh']}
   cfg = model_config(args.model, seq=args.seq)
-  _, step = make_step(cfg, lambda every: bench_scale.build(spec, 1e-3, every),
-                      info['refresh'])
+  step = make_step(cfg, spec)
   shapes = abstract_inputs(cfg, spec, args.param_dtypes, args.batch,
                            args.seq)
   tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1),
@@ -243,11 +246,6 @@ def time_worker(args) -> dict:
   # Memory of the loop program: the step's, plus the loop's scalar carry.
   rec.update(bench_scale._xla_numbers(looped))
   rec['step_peak_bytes'] = peak_bytes(looped)
-  if args.compile_only:  # --precompile: the programs are in the cache now
-    for layers in (1, 2) if args.check_fit else ():
-      compile_step(model_config(args.model, layers, seq=args.seq), spec,
-                   args.param_dtypes, args.batch, args.seq)
-    return rec
   progress(rec, 'steps')
   params, state, loss = looped(params, state, tokens, never)
   jax.block_until_ready(loss)
@@ -268,15 +266,10 @@ def time_worker(args) -> dict:
   # The fit mode's extrapolation from one and two layers, checked here.
   if args.check_fit:
     progress(rec, 'check_fit')
-    peaks = []
-    for layers in (1, 2):
-      compiled, _ = compile_step(model_config(args.model, layers,
-                                              seq=args.seq),
-                                 spec, args.param_dtypes, args.batch, args.seq)
-      peaks.append(peak_bytes(compiled))
+    peaks = layer_peaks(args.model, spec, args.param_dtypes, args.batch,
+                        args.seq)
     rec['fit_check'] = {
-        'extrapolated_peak_bytes': peaks[0] + (cfg.num_layers - 1) * (
-            peaks[1] - peaks[0]),
+        'extrapolated_peak_bytes': extrapolate(peaks, cfg.num_layers),
         'compiled_peak_bytes': rec['step_peak_bytes']}
   return rec
 
@@ -300,7 +293,7 @@ def run_worker(args) -> int:
 # The parent.
 
 
-def run_one(args, spec, compile_only=False) -> dict:
+def run_one(args, spec) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), '--worker',
          f'--mode={args.mode}', f'--optimizers={spec}',
          f'--model={args.model}', f'--sizes={args.sizes}',
@@ -311,18 +304,13 @@ def run_one(args, spec, compile_only=False) -> dict:
     cmd.append('--check_fit')
   if args.step_memory:
     cmd.append('--step_memory')
-  if args.compile_cache:
-    cmd.append(f'--compile_cache={args.compile_cache}')
-  if compile_only:
-    cmd.append('--compile_only')
   if args.bytes_limit:
     cmd.append(f'--bytes_limit={args.bytes_limit}')
   env = dict(os.environ)
-  if compile_only or args.mode == 'fit':
+  if args.mode == 'fit':
     # Workers that compile side by side must not each reserve most of the
     # device's memory up front (jax's default).
     env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
-  if args.mode == 'fit':
     # Fit against the whole device (jax's default fraction, 0.75, would
     # leave a quarter of it out), unless the caller set a fraction.
     env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '1.0')
@@ -338,9 +326,7 @@ def run_one(args, spec, compile_only=False) -> dict:
   if args.logs:
     os.makedirs(args.logs, exist_ok=True)
     name = re.sub(r'[^A-Za-z0-9_.=-]+', '_', spec)
-    with open(os.path.join(args.logs, f'{args.mode}_{name}'
-                           f'{"_compile" if compile_only else ""}.log'),
-              'w') as f:
+    with open(os.path.join(args.logs, f'{args.mode}_{name}.log'), 'w') as f:
       f.write(err or '')
   lines = [l for l in out.splitlines() if l.startswith(RECORD_PREFIX)]
   if lines:
@@ -349,19 +335,13 @@ def run_one(args, spec, compile_only=False) -> dict:
     phases = re.findall(r'\] [^\n]*: ([^\n]*)', err or '')
     rec = {'optimizer': spec, 'mode': args.mode, 'status': 'error',
            'phase': phases[-1] if phases else None, 'error': err[-2000:]}
+  if args.mode == 'time':  # bench_scale.add_ratios pairs (model, dtype)
+    rec.update(model=args.model, dtype=args.param_dtypes)
   rec['wall_s'] = time.perf_counter() - t0
   bench_scale._log(f'{spec}: {rec["status"]} in {rec["wall_s"]:.0f} s'
                    + (f', {rec["device_ms"]:.2f} ms/step'
                       if 'device_ms' in rec else ''))
   return rec
-
-
-def add_ratios(rows):
-  base = next((r for r in rows if r['optimizer'] == 'adamw'
-               and r.get('device_ms')), None)
-  for r in rows:
-    if base and r.get('device_ms'):
-      r['device_vs_adamw'] = r['device_ms'] / base['device_ms']
 
 
 def main_parent(args) -> int:
@@ -375,16 +355,11 @@ def main_parent(args) -> int:
     if size not in llama.SIZES:
       raise SystemExit(f'bench_train_step: unknown LLaMA size {size!r}; '
                        f'known: {", ".join(llama.SIZES)}')
-  if args.precompile:
-    # Compile every worker's programs at once (each into the persistent
-    # cache), then time one at a time, loading them from the cache.
-    with futures.ThreadPoolExecutor(args.precompile) as pool:
-      compiled = list(pool.map(lambda s: run_one(args, s, True), specs))
   rows = []
 
   def save():  # after every worker: an interrupted run keeps what it did
     if args.mode == 'time':
-      add_ratios(rows)
+      bench_scale.add_ratios(rows)
     doc = {'script': 'scripts/bench_train_step.py', 'argv': sys.argv[1:],
            'mode': args.mode, 'complete': len(rows) == len(specs),
            'failed': sum(r['status'] != 'ok' for r in rows), 'rows': rows}
@@ -394,10 +369,7 @@ def main_parent(args) -> int:
     os.replace(args.out + '.tmp', args.out)
 
   with futures.ThreadPoolExecutor(args.parallel) as pool:
-    for i, row in enumerate(pool.map(lambda s: run_one(args, s), specs)):
-      if args.precompile:
-        row['precompile'] = {k: compiled[i].get(k) for k in (
-            'status', 'wall_s', 'compile_loop_s', 'error')}
+    for row in pool.map(lambda s: run_one(args, s), specs):
       rows.append(row)
       save()
   print(table(args.out))
@@ -484,27 +456,17 @@ def parse_args(argv=None):
                  "device's bytes_limit)")
   p.add_argument('--parallel', type=int, default=1,
                  help='workers at once (fit mode compiles only)')
-  p.add_argument('--precompile', type=int, default=0,
-                 help='time mode: first compile every optimizer this many at '
-                 'a time into --compile_cache, then time them one by one')
-  p.add_argument('--compile_cache', default=None,
-                 help="a folder for jax's persistent compilation cache")
   p.add_argument('--worker_timeout', type=float, default=600.0,
                  help='seconds before a worker is killed (its row then says '
                  'its last phase)')
   p.add_argument('--out', default=None, help='the result JSON file')
   p.add_argument('--table', default=None, help='print this file\'s table')
   p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
-  p.add_argument('--compile_only', action='store_true',
-                 help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.mode == 'time' and args.parallel != 1:
-    p.error('--parallel: the time mode runs one worker at a time (use '
-            '--precompile to compile in parallel)')
+    p.error('--parallel: the time mode runs one worker at a time')
   if not (args.out or args.table or args.worker):
     p.error('--out: give the result file (or --table FILE to print one)')
-  if args.precompile and not args.compile_cache:
-    p.error('--precompile needs --compile_cache')
   return args
 
 
