@@ -393,7 +393,7 @@ def table(path) -> str:
     doc = json.load(f)
   rows = doc['rows']
   if doc['mode'] == 'time':
-    lines = ['| optimizer | step ms | × adamw | state GiB | XLA peak GiB | '
+    lines = ['| optimizer | step ms | × adamw | state GiB | step peak GiB | '
              'device peak GiB |', '|---|---:|---:|---:|---:|---:|']
     for r in rows:
       if r['status'] != 'ok':
