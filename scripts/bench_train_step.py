@@ -42,6 +42,7 @@ Optimizer specs are ``scripts/bench_scale.py``'s (``name`` or
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -175,6 +176,9 @@ def fit_worker(args) -> dict:
           entry['max_layers_params'] = model_config(
               size, max_layers).num_params()
       rec['sizes'][f'{size}_{dtype}'] = entry
+      # What is done so far, should the worker be killed before the end.
+      print(RECORD_PREFIX + json.dumps({**rec, 'status': 'partial'}),
+            flush=True)
       bench_scale._log(f'  [{args.optimizers}] {size} {dtype}: peak '
                        f'{peak / 2**30:.1f} GiB')
   return rec
@@ -204,13 +208,19 @@ def time_worker(args) -> dict:
   step = make_step(cfg, spec)
   shapes = abstract_inputs(cfg, spec, args.param_dtypes, args.batch,
                            args.seq)
-  tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1),
-                              0, cfg.vocab_size, jnp.int32)
-  # The model's own initialization: N(0, 0.02^2) matrices, unit norms.
-  params = jax.jit(lambda: jax.tree.map(
-      lambda x, s: x.astype(s.dtype),
-      llama.Llama(cfg).init(jax.random.key(0), tokens[:1, :-1])['params'],
-      shapes[0]))()
+  # The batch and the model's own initialization (N(0, 0.02^2) matrices,
+  # unit norms) are made on the host's CPU and copied over: XLA's GPU
+  # compile of the whole init in one program took over 4 minutes for the
+  # 350M model on an H200 (jax 0.11.2), the CPU's a few seconds.
+  with jax.default_device(jax.devices('cpu')[0]):
+    tokens = jax.random.randint(jax.random.key(1),
+                                (args.batch, args.seq + 1), 0,
+                                cfg.vocab_size, jnp.int32)
+    params = jax.jit(lambda: jax.tree.map(
+        lambda x, s: x.astype(s.dtype),
+        llama.Llama(cfg).init(jax.random.key(0), tokens[:1, :-1])['params'],
+        shapes[0]))()
+  tokens, params = jax.device_put((tokens, params), dev)
   tx = bench_scale.build(spec, 1e-3)
   state = jax.jit(tx.init)(params)
   if info['refresh']:
@@ -240,9 +250,14 @@ def time_worker(args) -> dict:
                              (params, state, jnp.zeros((), jnp.float32)))
 
   t0 = time.perf_counter()
-  looped = jax.jit(loop, donate_argnums=(0, 1)).lower(
-      params, state, tokens, never).compile()
+  lowered = jax.jit(loop, donate_argnums=(0, 1)).lower(
+      params, state, tokens, never)
+  rec['lower_loop_s'] = time.perf_counter() - t0
+  progress(rec, f'lowered in {rec["lower_loop_s"]:.1f} s; XLA compile')
+  t0 = time.perf_counter()
+  looped = lowered.compile()
   rec['compile_loop_s'] = time.perf_counter() - t0
+  del lowered
   # Memory of the loop program: the step's, plus the loop's scalar carry.
   rec.update(bench_scale._xla_numbers(looped))
   rec['step_peak_bytes'] = peak_bytes(looped)
@@ -275,6 +290,9 @@ def time_worker(args) -> dict:
 
 
 def run_worker(args) -> int:
+  # Shortly before the parent kills this worker, put every thread's Python
+  # stack in its log: a timed-out row then says where the time went.
+  faulthandler.dump_traceback_later(max(1.0, args.worker_timeout - 5.0))
   try:
     rec = (fit_worker if args.mode == 'fit' else time_worker)(args)
     rec['status'] = 'ok'
@@ -299,7 +317,8 @@ def run_one(args, spec) -> dict:
          f'--model={args.model}', f'--sizes={args.sizes}',
          f'--param_dtypes={args.param_dtypes}', f'--batch={args.batch}',
          f'--seq={args.seq}', f'--loop_steps={args.loop_steps}',
-         f'--repeats={args.repeats}']
+         f'--repeats={args.repeats}',
+         f'--worker_timeout={args.worker_timeout}']
   if args.check_fit:
     cmd.append('--check_fit')
   if args.step_memory:
