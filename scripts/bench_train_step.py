@@ -399,6 +399,11 @@ def _gib(x):
   return '' if x is None else f'{x / 2**30:.1f}'
 
 
+def _size(x) -> str:
+  """Bytes in GiB, or in MiB below one GiB (a factored state's size)."""
+  return f'{x / 2**30:.1f} GiB' if x >= 2**30 else f'{x / 2**20:.1f} MiB'
+
+
 def _failure(r) -> str:
   """A failed row in one cell: status, last phase, the error's last line."""
   error = (r.get('error') or '').strip().splitlines()
@@ -412,7 +417,7 @@ def table(path) -> str:
     doc = json.load(f)
   rows = doc['rows']
   if doc['mode'] == 'time':
-    lines = ['| optimizer | step ms | × adamw | state GiB | step peak GiB | '
+    lines = ['| optimizer | step ms | × adamw | state | step peak GiB | '
              'device peak GiB |', '|---|---:|---:|---:|---:|---:|']
     for r in rows:
       if r['status'] != 'ok':
@@ -421,25 +426,44 @@ def table(path) -> str:
       lines.append(
           f"| {r['optimizer']} | {r['device_ms']:.2f} | "
           f"{r.get('device_vs_adamw', float('nan')):.3f} | "
-          f"{_gib(r['state_bytes'])} | {_gib(r['step_peak_bytes'])} | "
+          f"{_size(r['state_bytes'])} | {_gib(r['step_peak_bytes'])} | "
           f"{_gib(r.get('peak_bytes_in_use'))} |")
     return '\n'.join(lines)
   keys = list(next((r['sizes'] for r in rows if r['status'] == 'ok'), {}))
   if not keys:
     return '\n'.join(['| optimizer | failure |', '|---|---|'] + [
         f"| {r['optimizer']} | {_failure(r)} |" for r in rows])
-  lines = ['| optimizer | ' + ' | '.join(f'{k} GiB' for k in keys) + ' |',
-           '|---|' + '---:|' * len(keys)]
+  dtypes = list(dict.fromkeys(k.rsplit('_', 1)[1] for k in keys))
+  # Per dtype: the widest model of the file's sizes (its depth that fits).
+  widest = {d: max((k for k in keys if k.endswith('_' + d)),
+                   key=lambda k: llama.SIZES[k.rsplit('_', 1)[0]][0])
+            for d in dtypes}
+  extra = [f'largest fitting, {d}' for d in dtypes] + [
+      f'{widest[d].rsplit("_", 1)[0]} width, {d}: layers (B params)'
+      for d in dtypes]
+  lines = ['| optimizer | ' + ' | '.join(
+      [f'{k} GiB' for k in keys] + extra) + ' |',
+           '|---|' + '---:|' * (len(keys) + len(extra))]
   for r in rows:
     if r['status'] != 'ok':
       lines.append(f"| {r['optimizer']} | {_failure(r)} |"
-                   + ' |' * (len(keys) - 1))
+                   + ' |' * (len(keys) + len(extra) - 1))
       continue
     cells = []
     for k in keys:
       e = r['sizes'][k]
       mark = '' if e.get('fits', True) else ' ✗'
       cells.append(f"{_gib(e['peak_bytes'])}{mark}")
+    for d in dtypes:  # the largest model of the file's sizes that fits
+      fitting = [(e['n_params'], k.rsplit('_', 1)[0])
+                 for k, e in r['sizes'].items()
+                 if k.endswith('_' + d) and e.get('fits')]
+      cells.append(f'{max(fitting)[1]} ({max(fitting)[0] / 1e9:.2f} B)'
+                   if fitting else 'none')
+    for d in dtypes:
+      e = r['sizes'][widest[d]]
+      cells.append(f"{e['max_layers']} ({e['max_layers_params'] / 1e9:.2f} B)"
+                   if e.get('max_layers_params') else '')
     lines.append(f"| {r['optimizer']} | " + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

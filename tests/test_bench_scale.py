@@ -385,3 +385,35 @@ def test_result_tables_show_ratios_and_failures(tmp_path):
     text = bench_train_step.table(str(doc))
     assert '| adamw | error (compile): killed after 200.0 s |' in text
     assert text.splitlines()[1].startswith('|---|')
+
+
+def test_fit_table_names_the_largest_fitting_model(tmp_path):
+  """bench_train_step --table, fit mode: per dtype the largest of the file's
+  sizes that fits, and the depth (and params) that fits at the widest."""
+  import bench_train_step  # pylint: disable=import-outside-toplevel
+  gib = 2 ** 30
+
+  def entry(peak, fits, n_params, max_layers=None, max_params=None):
+    e = {'peak_bytes': peak * gib, 'fits': fits, 'n_params': n_params}
+    if max_layers:
+      e.update(max_layers=max_layers, max_layers_params=max_params)
+    return e
+
+  rows = [{'optimizer': 'adamw', 'status': 'ok', 'sizes': {
+      '1b_float32': entry(60, True, 1.34e9),
+      '7b_float32': entry(180, False, 6.74e9, 24, 5.12e9)}},
+          {'optimizer': 'hfac', 'status': 'ok', 'sizes': {
+              '1b_float32': entry(50, True, 1.34e9),
+              '7b_float32': entry(130, True, 6.74e9, 34, 7.14e9)}},
+          {'optimizer': 'big', 'status': 'ok', 'sizes': {
+              '1b_float32': entry(200, False, 1.34e9),
+              '7b_float32': entry(900, False, 6.74e9)}}]
+  doc = tmp_path / 'fit.json'
+  doc.write_text(json.dumps({'mode': 'fit', 'rows': rows}))
+  lines = bench_train_step.table(str(doc)).splitlines()
+  assert lines[0].endswith('| largest fitting, float32 | 7b width, float32: '
+                           'layers (B params) |')
+  assert lines[2] == ('| adamw | 60.0 | 180.0 ✗ | 1b (1.34 B) | '
+                      '24 (5.12 B) |')
+  assert lines[3] == '| hfac | 50.0 | 130.0 | 7b (6.74 B) | 34 (7.14 B) |'
+  assert lines[4] == '| big | 200.0 ✗ | 900.0 ✗ | none |  |'
