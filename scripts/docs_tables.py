@@ -8,7 +8,9 @@ Nothing in the guide's tables is typed by hand. They come from
   (``optax_fac.experiments.models.build_model``), the optax baselines built
   as ``scripts/bench_scale.py`` builds them;
 * committed measurements: ``results/bench_scale/*.json`` (one optimizer step
-  at 1B on an H200) and the training summaries ``results/*/summary.json``
+  at 1B on an H200), the training step and the fit of
+  ``scripts/bench_train_step.py`` (``TRAIN_STEP``, ``FIT``; its own
+  ``--table``) and the training summaries ``results/*/summary.json``
   listed in ``CONVERGENCE``.
 
     python scripts/docs_tables.py          # rewrite docs/_generated/tables.md
@@ -42,6 +44,7 @@ from optax_fac.experiments import compare  # noqa: E402
 from optax_fac.experiments import optimizers  # noqa: E402
 from optax_fac.experiments.models import build_model  # noqa: E402
 import bench_scale  # noqa: E402
+import bench_train_step  # noqa: E402
 
 OUT = os.path.join(ROOT, 'docs', '_generated', 'tables.md')
 LR = 1e-3  # any value: the state does not depend on it
@@ -58,6 +61,9 @@ MODELS = (
 # The papers' LLaMA recipe (method_exclude) is read from this config.
 RECIPE_CONFIG = os.path.join('configs', 'c4_llama_60m.py')
 BENCH_GLOB = os.path.join('results', 'bench_scale', '*.json')
+# scripts/bench_train_step.py's runs: the 350M training step, the fit table.
+TRAIN_STEP = os.path.join('results', 'bench_train_step', 'llama350m_time.json')
+FIT = os.path.join('results', 'bench_train_step', 'fit_1b_3b_7b.json')
 BENCH_MODEL = 'llama1b'  # the rows of results/bench_scale the guide shows
 # (title, summary.json) of the committed training runs.
 CONVERGENCE = (
@@ -358,7 +364,10 @@ def render():
            block('recipe-exclude', excluded),
            block('bench-context', context),
            block('bench-1b', bench),
-           block('bench-notes', notes)]
+           block('bench-notes', notes),
+           block('train-step', bench_train_step.table(
+               os.path.join(ROOT, TRAIN_STEP))),
+           block('fit', bench_train_step.table(os.path.join(ROOT, FIT)))]
   setup, table = sweep_table()
   parts += [block('sweep-setup', setup), block('sweep', table)]
   for i, (title, path) in enumerate(CONVERGENCE):
