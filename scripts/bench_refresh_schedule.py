@@ -26,16 +26,47 @@ import os
 import sys
 import time
 
+import collections
+import math
+
 import jax
 import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from scripts import bench_scale  # noqa: E402
+from optax_fac import rotation  # noqa: E402
+
+
+def rotated_groups(state) -> dict:
+  """How many bases a staggered schedule spreads over the period.
+
+  Counts the rotated leaves of every :class:`optax_fac.SvdRotationState` in
+  ``state`` (a stacked group of same-shape matrices is one leaf, refreshed
+  in one step): ``groups``, the ``matrices`` they hold, and
+  ``matrices_per_group`` ({matrices in a group: groups}).
+  """
+  sizes = []
+  for node in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, rotation.SvdRotationState)):
+    if not isinstance(node, rotation.SvdRotationState):
+      continue
+    keep_none = lambda x: x is None
+    lefts = jax.tree.leaves(node.left, is_leaf=keep_none)
+    rights = jax.tree.leaves(node.right, is_leaf=keep_none)
+    for left, right in zip(lefts, rights):
+      basis = left if left is not None else right
+      if basis is not None:
+        sizes.append(math.prod(basis.shape[:-2]))
+  per_group = collections.Counter(sizes)
+  return dict(groups=len(sizes), matrices=sum(sizes),
+              matrices_per_group={str(k): per_group[k]
+                                  for k in sorted(per_group)})
 
 
 def timed_steps(spec, shapes, steps, deadline, periods=1, lr=1e-3):
-  """(compile seconds, [ms per step] of each period run, in order).
+  """(compile seconds, [ms per step] of each period run, in order, and
+  :func:`rotated_groups` of the state).
 
   ``periods`` periods of ``steps`` steps after step 1; once ``deadline``
   passes no further step starts, so the last period may be partial.
@@ -44,6 +75,7 @@ def timed_steps(spec, shapes, steps, deadline, periods=1, lr=1e-3):
   params = bench_scale.make_tree(shapes, 'float32', 0, 0.02)
   grads = bench_scale.make_tree(shapes, 'float32', 1, 1e-3)
   state, _ = bench_scale.set_counts(tx.init(params), 1)
+  groups = rotated_groups(state)
 
   def step(p, s, g):
     u, s = tx.update(g, s, p)
@@ -61,7 +93,8 @@ def timed_steps(spec, shapes, steps, deadline, periods=1, lr=1e-3):
     params, state = compiled(params, state, grads)
     jax.block_until_ready((params, state))
     times.append(1e3 * (time.perf_counter() - t0))
-  return compile_s, [times[k:k + steps] for k in range(0, len(times), steps)]
+  return (compile_s, [times[k:k + steps] for k in range(0, len(times), steps)],
+          groups)
 
 
 def last_period(periods, steps):
@@ -93,14 +126,14 @@ def main(argv=None):
             'script is for the rotation and subspace optimizers).')
   every = args.every or info['every']
   spec = args.optimizer + (f':every={every}' if args.every else '')
-  _, adamw = timed_steps('adamw', shapes, args.adamw_steps, deadline)
+  _, adamw, _ = timed_steps('adamw', shapes, args.adamw_steps, deadline)
   if not adamw or not adamw[0]:
     sys.exit('bench_refresh_schedule.py: error: --max_seconds ran out '
              "before adamw's step was timed.")
   adamw_ms = min(adamw[0])
   print(f'adamw {adamw_ms:.2f} ms', flush=True)
-  compile_s, periods = timed_steps(spec, shapes, every, deadline,
-                                   args.periods)
+  compile_s, periods, groups = timed_steps(spec, shapes, every, deadline,
+                                           args.periods)
   times, complete = last_period(periods, every)
   if not times:
     sys.exit('bench_refresh_schedule.py: error: --max_seconds ran out '
@@ -111,6 +144,7 @@ def main(argv=None):
       adamw_ms=adamw_ms, compile_s=compile_s, periods=args.periods,
       periods_run=len(periods), steps_run=sum(map(len, periods)),
       steps_timed=len(times), complete_period=complete,
+      rotated_groups=groups,
       step_ms=times,
       max_ms=max(times), median_ms=float(np.median(times)),
       sum_ms=sum(times), amortized_ms=sum(times) / len(times),

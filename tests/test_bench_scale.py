@@ -293,6 +293,22 @@ def test_refresh_schedule_times_one_period(tmp_path):
   assert doc['periods'] == 2 and len(doc['step_ms']) == 4
   assert doc['max_ms'] == max(doc['step_ms']) and doc['adamw_ms'] > 0
   assert doc['amortized_ms'] == pytest.approx(sum(doc['step_ms']) / 4)
+  assert doc['rotated_groups'] == {'groups': 5, 'matrices': 16,
+                                   'matrices_per_group': {
+                                       '1': 2, '2': 1, '4': 1, '8': 1}}
+
+
+def test_rotated_groups_of_llama1b():
+  """The README's count of AdaDiag's staggered groups on the 1B tree: 98
+  (74 single matrices, 24 stacks of four), 170 with one matrix per group."""
+  import bench_refresh_schedule  # pylint: disable=g-import-not-at-top
+  params = jax.eval_shape(lambda: bench_scale.make_tree(
+      bench_scale.tree_shapes('llama1b'), 'float32', 0, 0.02))
+  count = lambda spec: bench_refresh_schedule.rotated_groups(
+      jax.eval_shape(bench_scale.build(spec, 1e-3).init, params))
+  assert count('adadiag:stagger=True') == {
+      'groups': 98, 'matrices': 170, 'matrices_per_group': {'1': 74, '4': 24}}
+  assert count('adadiag:stagger=True:stack_leaves=16777216')['groups'] == 170
 
 
 def test_refresh_schedule_reports_the_last_whole_period():
