@@ -49,11 +49,19 @@ from jax.experimental import pallas as pl
 # views take (512, 16) tiles, which made its step 1.02x AdamW's instead of
 # 1.29x with those views on the array path); smaller views stay on the array
 # path, where their cost is launches, not bytes.
-_MAX_TILE = 1 << 13
-_MAX_COLS = 256
-_MIN_TILE = 1 << 11
-_MIN_COLS = 16
-_NUM_WARPS = 8
+MAX_TILE_ELEMENTS = 1 << 13
+MAX_TILE_COLS = 256
+MIN_TILE_ELEMENTS = 1 << 11
+MIN_TILE_COLS = 16
+NUM_WARPS = 8
+
+
+def triton_params(num_warps: int):
+  """Pallas' Triton compiler parameters: ``num_warps``, one stage."""
+  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
+  params_class = getattr(pl_triton, 'CompilerParams', None) or getattr(
+      pl_triton, 'TritonCompilerParams')  # the name before jax 0.7
+  return params_class(num_warps=num_warps, num_stages=1)
 
 
 def _pow2_factor(n: int) -> int:
@@ -62,11 +70,11 @@ def _pow2_factor(n: int) -> int:
 
 def tiling(n1: int, n2: int) -> Optional[tuple[int, int]]:
   """The (bm, bn) tile of an (n1, n2) view, or None if it is not tiled."""
-  bn = min(_pow2_factor(n2), _MAX_COLS)
-  if bn < _MIN_COLS:
+  bn = min(_pow2_factor(n2), MAX_TILE_COLS)
+  if bn < MIN_TILE_COLS:
     return None
-  bm = min(_pow2_factor(n1), _MAX_TILE // bn)
-  if bm * bn < _MIN_TILE:
+  bm = min(_pow2_factor(n1), MAX_TILE_ELEMENTS // bn)
+  if bm * bn < MIN_TILE_ELEMENTS:
     return None
   return bm, bn
 
@@ -192,12 +200,7 @@ def smmf_group_step(gs, scalars, v_row, v_col, signs=None, m_row=None,
     out_shape += [jax.ShapeDtypeStruct(signs.shape, jnp.uint8), row_shape,
                   col_shape]
     aliases = {members + 3: members + 2}
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
-    params_class = getattr(pl_triton, 'CompilerParams', None) or getattr(
-        pl_triton, 'TritonCompilerParams')  # the name before jax 0.7
-    compiler_params = params_class(num_warps=_NUM_WARPS, num_stages=1)
+  compiler_params = None if interpret else triton_params(NUM_WARPS)
   call = pl.pallas_call(
       functools.partial(_kernel, members=members, momentum=momentum,
                         row_scale=1.0 / n2, col_scale=1.0 / n1),

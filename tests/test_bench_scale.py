@@ -433,3 +433,23 @@ def test_fit_table_names_the_largest_fitting_model(tmp_path):
                       '24 (5.12 B) |')
   assert lines[3] == '| hfac | 50.0 | 130.0 | 7b (6.74 B) | 34 (7.14 B) |'
   assert lines[4] == '| big | 200.0 ✗ | 900.0 ✗ | none |  |'
+
+
+@pytest.mark.slow  # a subprocess with Pallas' interpreter: ~15 s
+def test_row_col_kernel_check_runs_on_cpu(tmp_path):
+  """scripts/check_row_col_kernel.py on the tiny tree, the kernel
+  interpreted: every mode timed three ways, the kernel equal to XLA's."""
+  out = tmp_path / 'row_col.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'scripts' / 'check_row_col_kernel.py'),
+       '--model=tiny', '--interpret', '--loop_steps=2', '--repeats=1',
+       f'--out={out}'], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=240, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads(out.read_text())
+  assert sorted(doc['modes']) == ['both', 'means', 'squares']
+  assert [b for _, b in doc['groups']] == [1, 2, 4, 8, 1]
+  for row in doc['modes'].values():
+    assert row['kernel_ms'] > 0 and row['xla_ms'] > 0 and row['read_ms'] > 0
+    assert row['max_rel_diff'] < 1e-5
