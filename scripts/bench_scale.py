@@ -34,6 +34,10 @@ the device (this benchmarks the optimizer step, not a model). Per optimizer:
   For the optimizers whose step is matrix products (rotations, Muon's
   Newton-Schulz, subspace projections) ``model_flops`` counts those products
   (2 flops per multiply-add) and ``tflops`` is model_flops / device time;
+  for the rotations ``rotation_products_ms`` times those products alone
+  (same groups, precision and loop; ``rotation_products_tflops``), and
+  ``rotation_target_ms`` = 1.2 x (adamw's step + them) is the performance
+  issue's target for their non-refresh step (``device_vs_rotation_target``);
 * for the optimizers with a periodic refresh (``every``: adadiag, adadiag_pp,
   adafac_diag, adafac_diag_pp, hfac_diag, adam_snsm): the step above is the
   **non-refresh** step, and ``refresh_ms`` is a refresh step (single step,
@@ -244,21 +248,62 @@ def rotated_side_dims(shape, sides, max_dim=8192):
   return [d for d in (m, n) if d <= max_dim]
 
 
+ROTATIONS = ('adadiag', 'adadiag_pp', 'adafac_diag', 'adafac_diag_pp',
+             'hfac_diag')
+
+
+def rotation_groups(spec: str, shapes) -> list[dict]:
+  """The rotated matrices of a rotation optimizer, in its stacked groups.
+
+  Per group: ``shape`` (m, n) of each matrix (leading axes merged into the
+  rows, svd_rotation's view), ``members`` B (stack_leaves' default 64 MiB
+  groups of same-shape float32 leaves, or the spec's ``stack_leaves``),
+  ``dims`` the rotated sides' sizes and ``sides`` their names ('left',
+  'right'; from ``sides``, ``max_dim`` of the spec or the optimizer's
+  defaults) and ``precision`` (the spec's, None: JAX's
+  default). Empty for any other optimizer.
+  """
+  name, kwargs = parse_spec(spec)
+  if name not in ROTATIONS:
+    return []
+  params = inspect.signature(optax_fac.NAMED_OPTIMIZERS[name]).parameters
+  default = lambda k, d: kwargs.get(k, params[k].default if k in params
+                                    else d)
+  sides, max_dim = default('sides', 'one'), default('max_dim', None) or 8192
+  stack = default('stack_leaves', True)  # True, False or a byte cap
+  cap = (optax_fac.stacking.DEFAULT_MAX_GROUP_BYTES if stack is True
+         else stack)
+  by_shape = {}
+  for s in shape_leaves(shapes):
+    if len(s) >= 2:
+      by_shape.setdefault((math.prod(s[:-1]), s[-1]), []).append(
+          len(by_shape.get((math.prod(s[:-1]), s[-1]), [])))
+  out = []
+  for shape, members in by_shape.items():
+    dims = rotated_side_dims(shape, sides, max_dim)
+    if not dims:
+      continue
+    m, n = shape
+    names = ((['left'] if m <= n else ['right']) if sides == 'one' else
+             [side for side, d in (('left', m), ('right', n))
+              if d <= max_dim])
+    split = ([[i] for i in members] if stack is False else
+             optax_fac.stacking.split_members(members, 4 * math.prod(shape),
+                                              cap))
+    out += [dict(shape=shape, members=len(g), dims=dims, sides=names,
+                 precision=default('precision', None)) for g in split]
+  return out
+
+
 def model_flops(spec: str, shapes) -> float | None:
   """Flops of a non-refresh step's matrix products (None: elementwise)."""
   name, kwargs = parse_spec(spec)
   leaves = [s for s in shape_leaves(shapes) if len(s) >= 2]
   total = 0
-  if name in ('adadiag', 'adadiag_pp', 'adafac_diag', 'adafac_diag_pp',
-              'hfac_diag'):
-    params = inspect.signature(optax_fac.NAMED_OPTIMIZERS[name]).parameters
-    sides = kwargs.get('sides', params['sides'].default if 'sides' in params
-                       else 'one')
-    max_dim = kwargs.get('max_dim') or 8192
-    for s in leaves:  # forward P^T G (Q) and back P D (Q^T): 2 x 2 k^2 o
-      size = math.prod(s)
-      total += sum(4 * k * size for k in rotated_side_dims(s, sides, max_dim))
-    return float(total)
+  if name in ROTATIONS:
+    # forward P^T G (Q) and back P D (Q^T): 2 x 2 k^2 o per rotated side
+    return float(sum(4 * k * math.prod(g['shape']) * g['members']
+                     for g in rotation_groups(spec, shapes) for k in g['dims']))
   if name == 'muon':  # Newton-Schulz: A = X X^T, A A, B X per iteration
     steps = kwargs.get('ns_steps', 5)
     for path_shape in _muon_shapes(shapes):
@@ -272,6 +317,67 @@ def model_flops(spec: str, shapes) -> float | None:
       total += 4 * min(rank, m, n) * m * n
     return float(total)
   return None
+
+
+def _dot(spec, x, y, precision):
+  """``einsum``; 'bf16': operands in bfloat16, float32 accumulation."""
+  if precision == 'bf16':
+    return jnp.einsum(spec, x.astype(jnp.bfloat16), y.astype(jnp.bfloat16),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum(spec, x, y, precision=precision)
+
+
+def rotate_round_trip(x, bases, sides, precision=None):
+  """P (Pᵀ X Q) Qᵀ of a (B, m, n) stack, product by product (4 k m n flops
+  a side); X itself for orthogonal bases."""
+  for side, p in zip(sides, bases):  # forward: Pᵀ X, X Q
+    x = (_dot('bji,bjn->bin', p, x, precision) if side == 'left'
+         else _dot('bmj,bjk->bmk', x, p, precision))
+  for side, p in zip(sides, bases):  # back: P X, X Qᵀ
+    x = (_dot('bij,bjn->bin', p, x, precision) if side == 'left'
+         else _dot('bmk,bjk->bmj', x, p, precision))
+  return x
+
+
+def rotation_products_ms(groups, loop_steps, repeats, seed=2):
+  """Device ms of a step's rotation products alone (:func:`rotation_groups`).
+
+  Per group, B float32 (m, n) matrices G and orthogonal bases of each
+  rotated side; one evaluation is the forward and back products of every
+  group (Pᵀ G then P G̃ on the left, G Q then G̃ Qᵀ on the right: the flops
+  :func:`model_flops` counts), at the group's precision ('bf16': operands
+  rounded to bfloat16, float32 accumulation, as ``svd_rotation``). Timed as
+  the minimum over ``repeats`` calls of a ``lax.fori_loop`` of
+  ``loop_steps`` evaluations in one jit, each feeding the next (the
+  barrier keeps XLA from hoisting anything out of the loop). The floor of
+  the issue's target for the rotations: adamw's step + these products.
+  """
+  keys = iter(jax.random.split(jax.random.key(seed), 3 * len(groups)))
+  gs, bases = [], []
+  for g in groups:
+    b, (m, n) = g['members'], g['shape']
+    gs.append(jax.random.normal(next(keys), (b, m, n)) * 1e-3)
+    bases.append([jnp.linalg.qr(jax.random.normal(
+        next(keys), (b, m, m) if side == 'left' else (b, n, n)))[0]
+                  for side in g['sides']])
+
+  def loop(gs, bases):
+    def body(_, carry):
+      gs, bases = jax.lax.optimization_barrier(carry)
+      return [rotate_round_trip(x, ps, g['sides'], g['precision'])
+              for x, ps, g in zip(gs, bases, groups)], bases
+    return jax.lax.fori_loop(0, loop_steps, body, (gs, bases))
+
+  compiled = jax.jit(loop, donate_argnums=(0,)).lower(gs, bases).compile()
+  gs, bases = compiled(gs, bases)
+  jax.block_until_ready(gs)
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    gs, bases = compiled(gs, bases)
+    jax.block_until_ready(gs)
+    best = min(best, (time.perf_counter() - t0) / loop_steps)
+  return 1e3 * best
 
 
 def _muon_shapes(shapes):
@@ -560,6 +666,19 @@ def run_worker(args):
     _log(f'  [{args.optimizers}] device {rec["device_ms"]:.2f} ms/step '
          f'({loop_steps} steps/call)')
 
+    groups = rotation_groups(args.optimizers, shapes)
+    if groups:
+      # The rotation's products alone, the floor of its non-refresh step
+      # beside adamw's (add_ratios: rotation_target_ms).
+      rec['phase'] = 'products'
+      emit()
+      rec['rotation_products_ms'] = rotation_products_ms(
+          groups, loop_steps, args.repeats)
+      rec['rotation_products_tflops'] = (rec['model_flops']
+                                         / rec['rotation_products_ms'] / 1e9)
+      _log(f'  [{args.optimizers}] rotation products alone '
+           f'{rec["rotation_products_ms"]:.2f} ms')
+
     if refresh and args.refresh_steps >= 0:
       rec['phase'] = 'refresh'
       emit()
@@ -648,6 +767,12 @@ def add_ratios(rows):
         r[ratio] = r[key] / b[base_key]
       else:
         r.pop(ratio, None)
+    if r.get('rotation_products_ms') and r.get('device_ms'):
+      # The performance issue's target for a rotation's non-refresh step:
+      # 1.2 x (adamw's step + the rotation products alone), same run.
+      r['rotation_target_ms'] = 1.2 * (b['device_ms']
+                                       + r['rotation_products_ms'])
+      r['device_vs_rotation_target'] = r['device_ms'] / r['rotation_target_ms']
 
 
 def slug(text):

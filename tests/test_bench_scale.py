@@ -81,6 +81,40 @@ def test_rows_and_fields(tiny_run):
       want / adamw['device_ms'])
   assert adadiag['device_vs_adamw'] == pytest.approx(
       adadiag['device_ms'] / adamw['device_ms'])
+  # The rotation products alone, and the target 1.2 x (adamw + products).
+  assert adadiag['rotation_products_ms'] > 0
+  assert adadiag['rotation_target_ms'] == pytest.approx(
+      1.2 * (adamw['device_ms'] + adadiag['rotation_products_ms']))
+  assert 'rotation_products_ms' not in adamw
+
+
+def test_rotation_products_are_the_counted_flops():
+  """rotation_groups: the rotated sides in stack_leaves' groups, with the
+  flops model_flops counts; rotate_round_trip is X for orthogonal bases."""
+  shapes = bench_scale.tree_shapes('tiny')
+  groups = bench_scale.rotation_groups('adadiag', shapes)
+  assert [(g['shape'], g['members'], g['sides']) for g in groups] == [
+      ((256, 64), 1, ['right']), ((172, 64), 2, ['right']),
+      ((64, 172), 4, ['left']), ((64, 64), 8, ['left']),
+      ((64, 256), 1, ['left'])]
+  assert bench_scale.model_flops('adadiag', shapes) == sum(
+      4 * g['dims'][0] * g['shape'][0] * g['shape'][1] * g['members']
+      for g in groups)
+  both = bench_scale.rotation_groups('adadiag_pp', shapes)
+  assert all(g['sides'] == ['left', 'right'] for g in both)
+  assert bench_scale.rotation_groups('adamw', shapes) == []
+  assert len(bench_scale.rotation_groups(
+      'adadiag:stack_leaves=False', shapes)) == 16
+  key = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(key[0], (2, 6, 5))
+  p = jnp.linalg.qr(jax.random.normal(key[1], (2, 6, 6)))[0]
+  q = jnp.linalg.qr(jax.random.normal(key[2], (2, 5, 5)))[0]
+  y = bench_scale.rotate_round_trip(x, [p, q], ['left', 'right'],
+                                    jax.lax.Precision.HIGHEST)
+  assert jnp.allclose(y, x, atol=1e-5)
+  # Not the identity for a non-orthogonal basis: the products are there.
+  y = bench_scale.rotate_round_trip(x, [2 * p], ['left'])
+  assert jnp.allclose(y, 4 * x, atol=1e-4)
 
 
 def test_table_mode(tiny_run):
