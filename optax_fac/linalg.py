@@ -25,7 +25,7 @@ tolerance rank is data-dependent: columns are masked, never sliced).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +88,36 @@ def unbatched_on_cpu(decompose, x: jax.Array):
       loop = jax.shard_map(per_matrix, in_specs=jax.P(*bspec, None, None),
                            out_specs=jax.P(*bspec))
   return lax.platform_dependent(x, cpu=loop, default=decompose)
+
+
+def over_devices(decompose, x: jax.Array, mesh: Optional[jax.sharding.Mesh]):
+  """``decompose(x)`` for a (B, ...) batch, each device of ``mesh`` taking
+  its share.
+
+  The batch is padded with zero matrices to a multiple of the mesh's size
+  and split over all of its axes (``jax.shard_map``): each device
+  decomposes ceil(B / devices) matrices instead of all B, and the outputs
+  come back with the batch axis split the same way (XLA gathers them where
+  a replicated value is needed). ``mesh`` None: ``decompose(x)``. Each
+  matrix is decomposed by the same routine either way, so the results are
+  the same.
+  """
+  if mesh is None:
+    return decompose(x)
+  b, n = x.shape[0], mesh.size
+  pad = -b % n
+  if pad:
+    x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+  spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+  explicit = matrix.explicit_mesh()
+  if explicit:  # sharding in types: the split is named, and so is the gather
+    x = jax.sharding.reshard(x, spec)
+  out = jax.shard_map(decompose, mesh=mesh, in_specs=spec, out_specs=spec,
+                      check_vma=False)(x)
+  if explicit:
+    out = jax.tree.map(
+        lambda o: jax.sharding.reshard(o, jax.sharding.PartitionSpec()), out)
+  return jax.tree.map(lambda o: o[:b], out)
 
 
 def fix_signs(vecs: jax.Array) -> jax.Array:

@@ -334,13 +334,15 @@ def _rtol(plan: _Plan, dtype) -> float:
   return linalg.rank_rtol(plan.m, plan.n, dtype)
 
 
-def _eigh_groups(requests):
+def _eigh_groups(requests, split=None):
   """Batched canonical eigenbases of Gram matrices, grouped by size.
 
   ``requests``: ``(key, gram (B, k, k), rtol, scale (B,), bound (B,) or
   None)`` tuples (bound None: two-sided from the current gradient, λ_max of
   the scaled Gram matrix is σ_max²). Returns {key: ((B, k, k) vectors, (B,)
-  ok, (B,) rank)}; same-size requests run in one :func:`eigh_descending`.
+  ok, (B,) rank)}; same-size requests run in one :func:`eigh_descending`,
+  its batch split over the devices of the mesh ``split`` (None: whole on
+  every device).
   """
   out = {}
   groups: dict = {}
@@ -352,7 +354,7 @@ def _eigh_groups(requests):
     rtols = {it[2] for it in items}
     rtol = (rtols.pop() if len(rtols) == 1 else np.concatenate(
         [np.full(g.shape[0], r, stacked.dtype) for _, g, r, _, _ in items]))
-    lam, vecs = eigh_descending(stacked)
+    lam, vecs = linalg.over_devices(eigh_descending, stacked, split)
     vecs, rank = linalg.canonical_basis(vecs, lam, rtol)
     ok = _all_finite(vecs) & _all_finite(stacked)
     top = jnp.max(lam, axis=-1)
@@ -367,10 +369,11 @@ def _eigh_groups(requests):
   return out
 
 
-def _new_bases(xs, plans, basis):
+def _new_bases(xs, plans, basis, split=None):
   """{(leaf, side): ((B, k, k) vectors, (B,) ok, (B,) rank)}, batched.
 
-  Same-size requests from all leaves and sides are stacked into one call.
+  Same-size requests from all leaves and sides are stacked into one call
+  (its batch split over the devices of the mesh ``split``, if given).
   Every basis is :func:`optax_fac.linalg.canonical_basis` of the
   decomposition of G / max|G|: the vectors of λ = σ² above the leaf's rank
   tolerance, sign-fixed, then the canonical completion of their span (the
@@ -394,7 +397,7 @@ def _new_bases(xs, plans, basis):
         if getattr(plan, side):
           requests.append(((i, side), _gram(x, plan, side),
                            _rtol(plan, x.dtype), scale, bound(x, plan, side)))
-    out.update(_eigh_groups(requests))
+    out.update(_eigh_groups(requests, split))
   else:  # 'svd'
     groups = {}
     for i, (x, plan) in enumerate(zip(xs, plans)):
@@ -407,7 +410,8 @@ def _new_bases(xs, plans, basis):
     for items in groups.values():
       mats = [it[1] for it in items]
       stacked = mats[0] if len(mats) == 1 else jnp.concatenate(mats, 0)
-      u, s, v = svd_vectors(stacked, False)
+      u, s, v = linalg.over_devices(lambda a: svd_vectors(a, False),
+                                    stacked, split)
       lam, rtol = s * s, _rtol(plans[items[0][0]], stacked.dtype)
       ok = _all_finite(stacked)
       sides, ranks = {}, {}
@@ -473,7 +477,7 @@ def _frobenius_sq(x, plan: _Plan):
                      plan)
 
 
-def _ema_bases(xs, plans, grams_l, grams_r):
+def _ema_bases(xs, plans, grams_l, grams_r, split=None):
   """{(leaf, side): ((B, k, k) vectors, (B,) ok, (B,) rank)} from the EMAs.
 
   Each EMA Gram matrix is scaled to max |entry| = 1 (eigenvectors are
@@ -496,7 +500,7 @@ def _ema_bases(xs, plans, grams_l, grams_r):
       gram = linalg.scale_to_unit_max(gram, (-2, -1))
       bnd = _frobenius_sq(xu, plan) if two else _rotated_bound(xu, plan, side)
       requests.append(((i, side), gram, _rtol(plan, x.dtype), scale, bnd))
-  return _eigh_groups(requests)
+  return _eigh_groups(requests, split)
 
 
 def _single_gradient(plan: _Plan, old_l, old_r, decay):
@@ -580,6 +584,7 @@ def svd_rotation(
     basis_source: str = 'gradient',
     gram_decay: float = DEFAULT_GRAM_DECAY,
     stagger: bool = False,
+    split_refresh: Optional[jax.sharding.Mesh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` in the singular basis of the gradient (docs/algorithms.md §3).
 
@@ -710,6 +715,14 @@ def svd_rotation(
     stagger: False (the paper's schedule; one ``lax.cond`` for the tree) or
       True (refreshes spread over the period, one ``lax.cond`` per rotated
       leaf; see Performance). A bool; static.
+    split_refresh: None (default: under ``jit`` over a mesh every device
+      computes every decomposition of a refresh, on the all-reduced Gram
+      matrices) or a ``jax.sharding.Mesh``: the batch of same-size
+      decompositions is split over all of its devices (each device
+      decomposes its share, then the bases are gathered to the state's
+      sharding), as distributed Shampoo splits its preconditioners. The
+      same bases either way; for data-parallel or sharded training on the
+      mesh the step runs on. Static.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`, with
@@ -722,8 +735,8 @@ def svd_rotation(
     ValueError: an unknown ``sides``, ``basis``, ``carry`` or
       ``basis_source``, ``"ema_gram"`` with a ``basis`` other than
       ``"eigh"``, ``gram_decay`` outside [0, 1), a bad ``every`` or
-      ``max_dim``, a non-float ``basis_dtype``, or a ``stagger`` that is
-      not a bool.
+      ``max_dim``, a non-float ``basis_dtype``, a ``stagger`` that is
+      not a bool, or a ``split_refresh`` that is not None or a Mesh.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_fac
@@ -752,6 +765,10 @@ def svd_rotation(
     raise ValueError(f'basis_source must be one of {BASIS_SOURCES}, got '
                      f'{basis_source!r}.')
   _common.check_static_bool('stagger', stagger, 'svd_rotation: ')
+  if split_refresh is not None and not isinstance(split_refresh,
+                                                  jax.sharding.Mesh):
+    raise ValueError('svd_rotation: split_refresh must be None or a '
+                     f'jax.sharding.Mesh, got {split_refresh!r}.')
   ema = basis_source == 'ema_gram'
   if ema and basis != 'eigh':
     raise ValueError(
@@ -901,9 +918,9 @@ def svd_rotation(
         """New bases of the plans ``idx`` (static; the lists align with it)."""
         sub = [plans[i] for i in idx]
         if grams is None:
-          new = _new_bases(xs, sub, basis)
+          new = _new_bases(xs, sub, basis, split_refresh)
         else:
-          new = _ema_bases(xs, sub, grams[2], grams[3])
+          new = _ema_bases(xs, sub, grams[2], grams[3], split_refresh)
         new_l, new_r, fresh = [], [], []
         skipped = jnp.zeros((), bool)  # some basis kept its old value
         for i, plan in enumerate(sub):
@@ -1072,7 +1089,7 @@ sharding.register_state_rule(SvdRotationState, {
 
 def _rotated_named(make_inner, *, sides, every, max_dim, basis, carry,
                    precision, views, stack_leaves, fallback, basis_source,
-                   gram_decay, stagger, **named):
+                   gram_decay, stagger, split_refresh, **named):
   """``make_inner(views)`` rotated on the matrices, as a named optimizer."""
   _common.check_dynamic_int('every', every)
   _common.structural_int('max_dim', max_dim, DEFAULT_MAX_DIM)
@@ -1081,7 +1098,7 @@ def _rotated_named(make_inner, *, sides, every, max_dim, basis, carry,
           make_inner(v), sides=sides, every=every, max_dim=max_dim, basis=basis,
           carry=carry, precision=precision, views=v,
           basis_source=basis_source, gram_decay=gram_decay,
-          stagger=stagger)),
+          stagger=stagger, split_refresh=split_refresh)),
       views, stack_leaves)
   return compose.named_optimizer(method, views=views, fallback=fallback,
                                  **named)
@@ -1107,6 +1124,7 @@ def adadiag(
     basis_source: str = 'gradient',
     gram_decay: float = DEFAULT_GRAM_DECAY,
     stagger: bool = False,
+    split_refresh: Optional[jax.sharding.Mesh] = None,
     mu_dtype: Optional[DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaDiag: Adam in the gradient's singular basis (docs/algorithms.md §3).
@@ -1156,6 +1174,9 @@ def adadiag(
       True: the refreshes of the matrices (stacked groups) are spread over
       the period, so after the first no step decomposes them all (see
       :func:`svd_rotation`). Static.
+    split_refresh: None, or the ``jax.sharding.Mesh`` the step runs on: a
+      refresh's decompositions are split over its devices instead of each
+      device computing them all (see :func:`svd_rotation`). Static.
     mu_dtype: floating dtype of the stored first moments (the rotated
       Adam's and the fallback's; e.g. ``jnp.bfloat16`` saves 2 bytes per
       parameter); None = float32. Each step reads it as float32 and stores
@@ -1195,7 +1216,7 @@ def adadiag(
       learning_rate=learning_rate,
       weight_decay=weight_decay, mask=mask, method_mask=method_mask,
       basis_source=basis_source, gram_decay=gram_decay,
-      stagger=stagger)
+      stagger=stagger, split_refresh=split_refresh)
 
 
 adadiag_pp = functools.partial(adadiag, sides='two')
@@ -1234,6 +1255,7 @@ def adafac_diag(
     basis_source: str = 'gradient',
     gram_decay: float = DEFAULT_GRAM_DECAY,
     stagger: bool = False,
+    split_refresh: Optional[jax.sharding.Mesh] = None,
     mu_dtype: Optional[DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdafacDiag: the factored second moment in the singular basis (§3).
@@ -1279,6 +1301,9 @@ def adafac_diag(
       True: the refreshes of the matrices (stacked groups) are spread over
       the period, so after the first no step decomposes them all (see
       :func:`svd_rotation`). Static.
+    split_refresh: None, or the ``jax.sharding.Mesh`` the step runs on: a
+      refresh's decompositions are split over its devices instead of each
+      device computing them all (see :func:`svd_rotation`). Static.
     mu_dtype: floating dtype of the stored first moments (the rotated
       momentum, with ``b1``, and the fallback's); None = float32 (as
       :func:`optax_fac.adafactor_momentum`'s ``mu_dtype``).
@@ -1307,7 +1332,7 @@ def adafac_diag(
                                      fallback_eps, mu_dtype=mu_dtype),
       learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
       method_mask=method_mask, basis_source=basis_source,
-      gram_decay=gram_decay, stagger=stagger)
+      gram_decay=gram_decay, stagger=stagger, split_refresh=split_refresh)
 
 
 adafac_diag_pp = functools.partial(adafac_diag, sides='two')
@@ -1343,6 +1368,7 @@ def hfac_diag(
     basis_source: str = 'gradient',
     gram_decay: float = DEFAULT_GRAM_DECAY,
     stagger: bool = False,
+    split_refresh: Optional[jax.sharding.Mesh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HfacDiag: H-Fac in the one-sided singular basis (docs/algorithms.md §3).
 
@@ -1381,6 +1407,9 @@ def hfac_diag(
       True: the refreshes of the matrices (stacked groups) are spread over
       the period, so after the first no step decomposes them all (see
       :func:`svd_rotation`). Static.
+    split_refresh: None, or the ``jax.sharding.Mesh`` the step runs on: a
+      refresh's decompositions are split over its devices instead of each
+      device computing them all (see :func:`svd_rotation`). Static.
 
   Returns:
     HfacDiag as an ``optax.GradientTransformationExtraArgs``.
@@ -1406,4 +1435,4 @@ def hfac_diag(
       fallback=compose.adam_fallback(b1, b2, fallback_eps),
       learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
       method_mask=method_mask, basis_source=basis_source,
-      gram_decay=gram_decay, stagger=stagger)
+      gram_decay=gram_decay, stagger=stagger, split_refresh=split_refresh)

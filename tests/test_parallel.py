@@ -294,3 +294,78 @@ def test_refreshed_basis_is_identical_on_every_device():
           np.testing.assert_array_equal(c, g[0])
   if len(devices) > 1:
     assert copies >= 2  # some basis block really is held by several devices
+
+
+def _trip_counts(text):
+  """The known trip counts of a compiled program's while loops."""
+  import re  # pylint: disable=g-import-not-at-top
+  return sorted(int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)',
+                                           text))
+
+
+@pytest.mark.parametrize('basis', ['eigh', 'svd'])
+def test_split_refresh_shares_the_decompositions_out(basis):
+  """split_refresh=mesh: each of 8 devices decomposes ceil(B/8) of a
+  refresh's B same-size matrices (on CPU, a loop of that many LAPACK calls
+  per device), and the step equals the unsplit one bit for bit."""
+  devices = jax.devices()[:8]
+  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+  rep = NamedSharding(mesh, P())
+  shapes = {**{f'w{i:02d}': (16, 24) for i in range(16)}, 'e': (40, 16),
+            'b': (16,)}
+  keys = jax.random.split(jax.random.key(0), len(shapes))
+  grads = jax.device_put({k: jax.random.normal(key, s) for key, (k, s) in
+                          zip(keys, shapes.items())}, rep)
+  params = jax.device_put({k: jnp.zeros(s) for k, s in shapes.items()}, rep)
+  outs, loops = [], []
+  for split in (None, mesh):
+    tx = optax_fac.adadiag(1e-2, basis=basis, split_refresh=split)
+    state = jax.jit(tx.init, out_shardings=rep)(params)
+    update = jax.jit(tx.update)
+    loops.append(_trip_counts(
+        update.lower(grads, state, params).compile().as_text()))
+    outs.append(update(grads, state, params))  # t = 1: a refresh
+  # eigh: 16 Gram matrices of the stacked w's (rows, 16 <= 24) and e's
+  # (columns) in one batch of 17; svd: the 16 (16, 24) w's in one batch
+  # (e's single (40, 16) is one call, no loop).
+  whole = 17 if basis == 'eigh' else 16
+  assert loops[0] == [whole]
+  assert loops[1] == [-(-whole // 8)]
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_split_refresh_under_an_explicit_mesh_and_staggered():
+  """The same bases with sharding in types (params sharded over a 2-D
+  explicit mesh) and with staggered refreshes."""
+  mesh = jax.make_mesh((4, 2), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2,
+                       devices=jax.devices()[:8])
+  shapes = {**{f'w{i}': (16, 24) for i in range(6)}, 'e': (40, 16)}
+  keys = jax.random.split(jax.random.key(1), len(shapes))
+  for stagger in (False, True):
+    outs = []
+    for split in (None, mesh):
+      with jax.set_mesh(mesh):
+        put = lambda x: jax.device_put(x, NamedSharding(mesh, P('data',
+                                                                'model')))
+        grads = {k: put(jax.random.normal(key, s))
+                 for key, (k, s) in zip(keys, shapes.items())}
+        params = {k: put(jnp.zeros(s)) for k, s in shapes.items()}
+        tx = optax_fac.adadiag(1e-2, every=4, stagger=stagger,
+                               split_refresh=split)
+        state = jax.jit(tx.init)(params)
+        update = jax.jit(tx.update)
+        for _ in range(3):
+          u, state = update(grads, state, params)
+        outs.append((u, state))
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_split_refresh_must_be_a_mesh():
+  with pytest.raises(ValueError, match='split_refresh must be None or a '
+                     'jax.sharding.Mesh'):
+    optax_fac.svd_rotation(optax.scale_by_adam(), split_refresh=('data',))
+  with pytest.raises(ValueError, match='split_refresh'):
+    optax_fac.adadiag(1e-3, split_refresh='data')
