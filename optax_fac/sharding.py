@@ -61,7 +61,9 @@ Typical use (big_vision style, shapes first)::
 How a refreshed basis behaves on sharded parameters: under ``jax.jit`` over a
 mesh, XLA gathers the (small, m x m) Gram matrix and computes the
 decomposition redundantly; every device holding a copy of a basis block holds
-the same values (tested in ``tests/test_parallel.py``).
+the same values (tested in ``tests/test_parallel.py``). With the rotations'
+``split_refresh=mesh`` the batch of decompositions is divided over the
+mesh's devices instead.
 """
 
 from __future__ import annotations

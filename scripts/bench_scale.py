@@ -100,6 +100,20 @@ programs and XLA's autotuning results, which should shorten the compiles
     python scripts/bench_scale.py \\
         --table=results/bench_scale/llama1b_float32_call5.json
 
+``--fsdp`` runs the same measurements sharded over every local device
+(FSDP): each leaf's largest axis that the device count divides is split
+over a 1-D mesh (``fsdp_specs``), the grads alike, the state laid out by
+``optax_fac.state_shardings``; the step's output keeps its input's
+shardings; memory is the largest device's; ``collectives`` records the
+bytes each kind of collective of the compiled step moves (per device); a
+spec's ``split_refresh=True`` gives the rotations the mesh (their refresh's
+decompositions split over the devices). Results go to
+``<out>/bench_scale_<device>_fsdp<N>.json``.
+
+    # on two GPUs: every optimizer sharded, the rotations' refresh split or not
+    python scripts/bench_scale.py --fsdp --models=llama1b \
+        --optimizers=all,adadiag:split_refresh=True --out=results/bench_scale
+
 Models: GaLore's LLaMA configs (d_model, ffn, layers, vocab): llama60m,
 llama130m (768, 2048, 12), llama350m (1024, 2736, 24), llama1b (2048, 5461,
 24; 1.34 B params), and bench_step's ``tiny`` for tests.
@@ -211,11 +225,17 @@ def optimizer_info(spec: str) -> dict:
                           else f'optax_fac.{name} (defaults)')}
 
 
-def build(spec: str, lr: float, every=None):
-  """The transform of ``spec``; ``every`` (maybe traced) overrides its own."""
+def build(spec: str, lr: float, every=None, mesh=None):
+  """The transform of ``spec``; ``every`` (maybe traced) overrides its own.
+
+  ``split_refresh=True`` in a spec stands for the run's ``mesh`` (--fsdp;
+  None on one device).
+  """
   name, kwargs = parse_spec(spec)
   if name in BASELINES:
     return BASELINES[name][1](lr, **kwargs)
+  if kwargs.get('split_refresh') is True:
+    kwargs = dict(kwargs, split_refresh=mesh)
   if every is not None:
     kwargs = dict(kwargs, every=every)
   return optax_fac.NAMED_OPTIMIZERS[name](learning_rate=lr, **kwargs)
@@ -418,11 +438,62 @@ def _log(msg):
 
 
 def _mem():
-  stats = jax.devices()[0].memory_stats()
-  if not stats:
+  """Device memory: the largest of the local devices' (one device: its own)."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  if not all(stats):
     return None
-  return {k: int(stats[k]) for k in ('bytes_in_use', 'peak_bytes_in_use',
-                                     'bytes_limit') if k in stats}
+  return {k: max(int(st[k]) for st in stats)
+          for k in ('bytes_in_use', 'peak_bytes_in_use', 'bytes_limit')
+          if all(k in st for st in stats)}
+
+
+FSDP_AXIS = 'fsdp'
+
+
+def fsdp_specs(shapes, devices: int):
+  """FSDP partition specs: each leaf's largest axis that ``devices`` divide
+  split over the 1-D mesh axis ``fsdp`` (ties: the first), else replicated."""
+  def spec(shape):
+    axes = [a for a in sorted(range(len(shape)), key=lambda a: -shape[a])
+            if shape[a] % devices == 0]
+    if not axes or devices == 1:
+      return jax.sharding.PartitionSpec()
+    entries = [None] * len(shape)
+    entries[axes[0]] = FSDP_AXIS
+    return jax.sharding.PartitionSpec(*entries)
+  return jax.tree.map(spec, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+_COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all',
+                'collective-permute')
+
+
+def collective_bytes(hlo_text: str) -> dict:
+  """Output bytes of each kind of collective in a compiled (per-device)
+  module's text: {kind: bytes}, plus ``count`` of collective ops. An
+  ``-start``/``-done`` pair counts once (its start's largest array)."""
+  out = dict.fromkeys(_COLLECTIVES, 0)
+  out['count'] = 0
+  for line in hlo_text.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%?\S+ = (.*?) ([a-z-]+)\(', line)
+    if not m:
+      continue
+    op = m.group(2)
+    kind = op[:-len('-start')] if op.endswith('-start') else op
+    if kind not in out or op.endswith('-done'):
+      continue
+    sizes = [math.prod(int(d) for d in dims.split(',') if d)
+             * _DTYPE_BYTES.get(dtype, 4) for dtype, dims in
+             re.findall(r'([a-z]+\d*)\[([\d,]*)\]', m.group(1))]
+    # A variadic collective returns each of its arrays; an async -start
+    # returns (operands, results, ...): its largest array is the result.
+    out[kind] += max(sizes, default=0) if op != kind else sum(sizes)
+    out['count'] += 1
+  return out
+
+
+_DTYPE_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 'f64': 8, 's32': 4, 'u32': 4,
+                's8': 1, 'u8': 1, 'pred': 1, 's64': 8, 'u64': 8}
 
 
 def make_tree(shapes, dtype, seed, scale):
@@ -533,10 +604,28 @@ def run_worker(args):
     t0 = time.perf_counter()
     params = make_tree(shapes, dtype, 0, 0.02)
     grads = make_tree(shapes, dtype, 1, 1e-3)
+    mesh = None
+    if args.fsdp:
+      # FSDP over every local device: params and grads sharded by
+      # fsdp_specs, the state by the library's rules (state_shardings).
+      mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (FSDP_AXIS,))
+      specs = fsdp_specs(shapes, mesh.size)
+      put = lambda tree: jax.tree.map(  # noqa: E731
+          lambda x, sp: jax.device_put(x, jax.sharding.NamedSharding(
+              mesh, sp)), tree, specs)
+      params, grads = put(params), put(grads)
+      rec.update(fsdp_devices=mesh.size,
+                 fsdp_sharded_leaves=sum(any(sp) for sp in jax.tree.leaves(
+                     specs, is_leaf=lambda x: isinstance(
+                         x, jax.sharding.PartitionSpec))))
     rec['setup_trees_s'] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tx = build(args.optimizers, args.lr)
-    state = jax.jit(tx.init)(params)
+    tx = build(args.optimizers, args.lr, mesh=mesh)
+    if mesh is None:
+      state = jax.jit(tx.init)(params)
+    else:
+      state = jax.jit(tx.init, out_shardings=optax_fac.state_shardings(
+          tx, params, specs, mesh, warn=False))(params)
     counts = 0
     if info['refresh']:
       state, counts = set_counts(state, 1)
@@ -556,7 +645,7 @@ def run_worker(args):
     refresh = info['refresh']
 
     def step(params, state, grads, every):
-      t = build(args.optimizers, args.lr, every if refresh else None)
+      t = build(args.optimizers, args.lr, every if refresh else None, mesh)
       updates, state = t.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
@@ -567,10 +656,16 @@ def run_worker(args):
     _log(f'  [{args.optimizers}] setup {rec["setup_s"]:.1f} s, state '
          f'{rec["state_bytes"] / 2**30:.3f} GiB; compiling')
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+    # Sharded (--fsdp): the step returns params and state as they came in,
+    # so that each step's output is the next one's input.
+    keep = None if mesh is None else jax.tree.map(
+        lambda x: x.sharding, (params, state))
+    compiled = jax.jit(step, donate_argnums=(0, 1), out_shardings=keep).lower(
         params, state, grads, every_normal).compile()
     rec['compile_step_s'] = time.perf_counter() - t0
     rec.update(_xla_numbers(compiled))
+    if mesh is not None:  # what the sharded step moves between devices
+      rec['collectives'] = collective_bytes(compiled.as_text())
     memc = _mem()
     if mem0 and memc:
       # The high-water mark through compilation (XLA's autotuning runs
@@ -641,7 +736,7 @@ def run_worker(args):
       return jax.lax.fori_loop(0, loop_steps, body, (params, state))
 
     t0 = time.perf_counter()
-    looped = jax.jit(loop, donate_argnums=(0, 1)).lower(
+    looped = jax.jit(loop, donate_argnums=(0, 1), out_shardings=keep).lower(
         params, state, grads, every_normal).compile()
     rec['compile_loop_s'] = time.perf_counter() - t0
     params, state = looped(params, state, grads, every_normal)
@@ -667,7 +762,7 @@ def run_worker(args):
          f'({loop_steps} steps/call)')
 
     groups = rotation_groups(args.optimizers, shapes)
-    if groups:
+    if groups and mesh is None:  # one device's floor (the issue's target)
       # The rotation's products alone, the floor of its non-refresh step
       # beside adamw's (add_ratios: rotation_target_ms).
       rec['phase'] = 'products'
@@ -797,6 +892,8 @@ def run_one(args, model, dtype, spec, timeout, record_file):
     value = getattr(args, key)
     if value is not None:
       cmd.append(f'--{key}={value}')
+  if args.fsdp:
+    cmd.append('--fsdp')
   t0 = time.perf_counter()
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
   killed = False
@@ -836,15 +933,22 @@ def run_one(args, model, dtype, spec, timeout, record_file):
   return rec
 
 
-def probe_device_kind():
-  """The device kind, from a short-lived process (the parent stays off it)."""
+def probe_device():
+  """{device_kind, local_devices}, from a short-lived process (the parent
+  stays off the accelerator)."""
   out = subprocess.run([sys.executable, os.path.abspath(__file__), '--probe'],
                        capture_output=True, text=True, timeout=300,
                        check=False)
   for line in out.stdout.splitlines():
     if line.startswith(RECORD_PREFIX):
-      return json.loads(line[len(RECORD_PREFIX):])['device_kind']
+      return json.loads(line[len(RECORD_PREFIX):])
   raise SystemExit(f'--skip_done: the device probe failed:\n{out.stderr}')
+
+
+def result_path(out, device_kind, fsdp_devices=None):
+  """``<out>/bench_scale_<device>[_fsdp<N>].json``."""
+  return os.path.join(out, f'bench_scale_{slug(device_kind)}' + (
+      f'_fsdp{fsdp_devices}' if fsdp_devices else '') + '.json')
 
 
 def main_parent(args):
@@ -855,8 +959,10 @@ def main_parent(args):
   for m in models:
     if m not in MODELS:
       raise SystemExit(f'unknown model {m!r}: {", ".join(MODELS)}')
-  specs = (default_optimizers() if args.optimizers in ('all', '')
-           else args.optimizers.split(','))
+  specs = []  # 'all' (alone or in the list) stands for every default one
+  for item in args.optimizers.split(','):
+    specs += default_optimizers() if item in ('all', '') else [item]
+  specs = list(dict.fromkeys(specs))
   for s in specs:
     parse_spec(s)
   if 'adamw' not in specs:
@@ -871,8 +977,9 @@ def main_parent(args):
   path = doc = None
   done, previous = set(), {}
   if args.skip_done:
-    path = os.path.join(args.out, f'bench_scale_{slug(probe_device_kind())}'
-                        '.json')
+    probe = probe_device()
+    path = result_path(args.out, probe['device_kind'],
+                       probe['local_devices'] if args.fsdp else None)
     doc = _load_doc(path, False)
     previous = {(r['model'], r['dtype'], r['optimizer']): r
                 for r in doc['rows']}
@@ -921,8 +1028,8 @@ def main_parent(args):
     rec['run_id'] = run_id
     rows.append(rec)
     if doc is None and rec.get('device_kind'):
-      path = os.path.join(args.out, f'bench_scale_{slug(rec["device_kind"])}'
-                          '.json')
+      path = result_path(args.out, rec['device_kind'],
+                         rec.get('fsdp_devices'))
       doc = _load_doc(path, args.fresh)
       _log(f'results: {path}')
     if doc is not None:
@@ -1056,9 +1163,10 @@ def parse_args(argv=None):
   p.add_argument('--dtypes', default='float32',
                  help='comma-separated param dtypes: float32,bfloat16')
   p.add_argument('--optimizers', default='all',
-                 help='comma-separated specs (name or name:key=value), or '
-                      '"all" (baselines, then NAMED_OPTIMIZERS, refresh ones '
-                      'last); adamw is always run first')
+                 help='comma-separated specs (name or name:key=value); '
+                      '"all" in the list: the baselines, then '
+                      'NAMED_OPTIMIZERS, refresh ones last; adamw is always '
+                      'run first')
   p.add_argument('--out', default='results/bench_scale')
   p.add_argument('--max_seconds', type=float, default=530.0,
                  help='overall budget; workers not started in time are '
@@ -1100,6 +1208,13 @@ def parse_args(argv=None):
                  help='resume: leave out the (model, dtype, optimizer) rows '
                       'already "ok" in this device\'s result file (adamw is '
                       'measured again in each run, for the ratios)')
+  p.add_argument('--fsdp', action='store_true',
+                 help='params, grads and state sharded over every local '
+                 'device (FSDP: fsdp_specs, the state by '
+                 'optax_fac.state_shardings); memory is the largest '
+                 "device's; the step's collectives are recorded; a spec's "
+                 'split_refresh=True passes the mesh. Results go to '
+                 '<out>/bench_scale_<device>_fsdp<N>.json')
   p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--probe', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--record_file', default=None, help=argparse.SUPPRESS)
@@ -1124,7 +1239,8 @@ def main(argv=None):
     return 0
   if args.probe:
     print(RECORD_PREFIX + json.dumps(
-        {'device_kind': jax.devices()[0].device_kind}), flush=True)
+        {'device_kind': jax.devices()[0].device_kind,
+         'local_devices': jax.local_device_count()}), flush=True)
     os._exit(0)
   if args.worker:
     return run_worker(args)

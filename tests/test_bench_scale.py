@@ -487,3 +487,50 @@ def test_row_col_kernel_check_runs_on_cpu(tmp_path):
   for row in doc['modes'].values():
     assert row['kernel_ms'] > 0 and row['xla_ms'] > 0 and row['read_ms'] > 0
     assert row['max_rel_diff'] < 1e-5
+
+
+def test_fsdp_specs_and_collective_bytes():
+  """--fsdp's layout (the largest axis the devices divide, else
+  replicated) and the collectives' bytes read from a compiled module."""
+  P = jax.sharding.PartitionSpec
+  specs = bench_scale.fsdp_specs(
+      {'mlp': (2048, 5461), 'norm': (5461,), 'odd': (3, 7),
+       'embed': (32000, 2048)}, 2)
+  assert specs == {'mlp': P('fsdp', None), 'norm': P(), 'odd': P(),
+                   'embed': P('fsdp', None)}
+  assert bench_scale.fsdp_specs({'w': (8, 4)}, 1) == {'w': P()}
+  text = '\n'.join([
+      '  %ag = f32[4,64,64]{2,1,0} all-gather(%x), dimensions={0}',
+      '  ROOT %ar = (f32[8]{0}, bf16[4,2]{1,0}) all-reduce(%a, %b)',
+      '  %s = (f32[2,8]{1,0}, f32[4,8]{1,0}) all-gather-start(%y)',
+      '  %d = f32[4,8]{1,0} all-gather-done(%s)',
+      '  %f = f32[3]{0} add(%p, %q)'])
+  got = bench_scale.collective_bytes(text)
+  assert got['all-gather'] == 4 * 64 * 64 * 4 + 4 * 8 * 4
+  assert got['all-reduce'] == 8 * 4 + 4 * 2 * 2
+  assert got['count'] == 3 and got['reduce-scatter'] == 0
+
+
+@pytest.mark.slow  # a parent and three workers on 4 CPU devices: ~40 s
+def test_fsdp_run_on_cpu_devices(tmp_path):
+  """bench_scale --fsdp on 4 CPU devices: params, grads and state sharded,
+  each step's output fed back (no sharding mismatch), the collectives
+  recorded, split_refresh=True given the mesh; its own result file."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4')
+  proc = subprocess.run(
+      [sys.executable, str(SCRIPT), '--models=tiny', '--dtypes=float32',
+       '--optimizers=adamw,smmf,adadiag:split_refresh=True', '--fsdp',
+       f'--out={tmp_path}', '--phase_seconds=0.02', '--iters=3',
+       '--loop_steps=2', '--repeats=1', '--refresh_steps=0'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads((tmp_path / 'bench_scale_cpu_fsdp4.json').read_text())
+  rows = {r['optimizer']: r for r in doc['rows']}
+  assert list(rows) == ['adamw', 'smmf', 'adadiag:split_refresh=True']
+  for r in rows.values():
+    assert r['status'] == 'ok', (r.get('error'), r.get('traceback'))
+    assert r['fsdp_devices'] == 4 and r['fsdp_sharded_leaves'] > 0
+    assert r['collectives']['count'] >= 0 and r['device_ms'] > 0
+  assert rows['adadiag:split_refresh=True']['refresh_ms'] > 0
+  assert 'rotation_products_ms' not in rows['adadiag:split_refresh=True']
