@@ -327,6 +327,16 @@ def check_dynamic_int(name: str, value: Any, where: str = '') -> None:
   structural_int(name, value, 1, where=where)
 
 
+def on_nvidia_gpu(kernel: Callable[..., Any], arrays: Callable[..., Any],
+                  *args) -> Any:
+  """``kernel(*args)`` where the step is lowered for CUDA, else ``arrays``.
+
+  Decided at lowering (``jax.lax.platform_dependent``): a Pallas kernel
+  branch is never lowered for other backends.
+  """
+  return jax.lax.platform_dependent(*args, cuda=kernel, default=arrays)
+
+
 def check_static_bool(name: str, value: Any, where: str = '') -> None:
   """A Python (or NumPy) bool: an option that decides the program's shape."""
   if not isinstance(value, (bool, np.bool_)):

@@ -25,6 +25,7 @@ from jax.typing import DTypeLike
 from optax_fac import _common
 from optax_fac import compose
 from optax_fac import matrix
+from optax_fac import row_col_kernel
 from optax_fac import sharding
 
 
@@ -32,19 +33,73 @@ from optax_fac import sharding
 # Shared statistics helpers (used by factored RMS, H-Fac and its relatives).
 
 
-def factored_second_moment_update(g32, row, col, view, decay, eps):
+def row_col_statistics(g, view, *, means: bool, squares: bool,
+                       fused_kernel: bool = False) -> list:
+  """This step's row and column statistics of one leaf's gradient G.
+
+  Returns ``[a, b]`` with ``means`` (a = G 1_n / n per row, b = Gᵀ 1_m / m
+  per column), then ``[r, s]`` with ``squares`` (the row and column means
+  of G², the Z = G² + ε of docs/algorithms.md §1 without its ε), float32,
+  of the view's row and column statistic shapes.
+
+  [decided] The means of G² are sums of (G/√n)² (resp. (G/√m)²): a sum of
+  squares of gradients of scale 1e18 overflows float32, a mean of them
+  does not, and no intermediate exceeds max G². No m×n G² is materialised.
+
+  ``fused_kernel``: on an NVIDIA GPU, a 2-D leaf or a stacked group of them
+  (batch axis 0) that :func:`optax_fac.row_col_kernel.tiling` tiles is read
+  once for all of its statistics by the Pallas kernel
+  (:func:`optax_fac.row_col_kernel.row_col_means`: the same sums, added in
+  another order); elsewhere, and by default, XLA's reductions (a row and a
+  column reduction, each reading G).
+  """
+  def arrays(g):
+    g32 = _common.f32(g)
+    m, n = view.dims(g32.shape)
+    out = []
+    if means:
+      out += [view.row_mean(g32), view.col_mean(g32)]
+    if squares:
+      out += [view.row_sum(jnp.square(g32 * _inv_sqrt(n))),
+              view.col_sum(jnp.square(g32 * _inv_sqrt(m)))]
+    return out
+
+  if not (fused_kernel and _kernel_takes(g, view)):
+    return arrays(g)
+
+  def kernel(g):
+    members = [g] if g.ndim == 2 else [g[i] for i in range(g.shape[0])]
+    out = row_col_kernel.row_col_means(members, means=means, squares=squares)
+    return [o[0] for o in out] if g.ndim == 2 else out
+
+  return _on_nvidia_gpu(kernel, arrays, g)
+
+
+# The CUDA-or-not choice (module-level, so tests can take the kernel branch).
+_on_nvidia_gpu = _common.on_nvidia_gpu
+
+
+def _kernel_takes(g, view) -> bool:
+  """Whether :func:`row_col_statistics`' kernel path takes this leaf: a
+  plain (m, n) matrix or a stack of them on axis 0, tiled, no explicit
+  mesh (the kernel is opaque to sharding in types)."""
+  plain = ((g.ndim == 2 and view.rows == (0,) and view.cols == (1,)
+            and not view.batch) or
+           (g.ndim == 3 and view.batch == (0,) and view.rows == (1,)
+            and view.cols == (2,)))
+  return (plain and row_col_kernel.tiling(*g.shape[-2:]) is not None
+          and not matrix.explicit_mesh())
+
+
+def factored_second_moment_update(sq_rows, sq_cols, row, col, decay, eps):
   """EMA of the row/column means of Z = G² + eps (docs/algorithms.md §1).
 
-  [decided] The statistics are means (r̄ = r/n, s̄ = s/m of the paper's row
-  and column sums), each computed as a sum of (G/√n)² (resp. (G/√m)²): a sum
-  of squares of gradients of scale 1e18 overflows float32, a mean of them
-  does not, and no intermediate exceeds max G². The reductions read G
-  directly (no m×n Z is materialised).
+  ``sq_rows``, ``sq_cols``: this step's row and column means of G²
+  (:func:`row_col_statistics`); the statistics are means (r̄ = r/n,
+  s̄ = s/m of the paper's row and column sums).
   """
-  m, n = view.dims(g32.shape)
-  row_mean = view.row_sum(jnp.square(g32 * _inv_sqrt(n))) + eps
-  col_mean = view.col_sum(jnp.square(g32 * _inv_sqrt(m))) + eps
-  return (_common.ema(row, row_mean, decay), _common.ema(col, col_mean, decay))
+  return (_common.ema(row, sq_rows + eps, decay),
+          _common.ema(col, sq_cols + eps, decay))
 
 
 def _inv_sqrt(k: int) -> float:
@@ -75,11 +130,6 @@ def clip_factor(g32, row_factor, col_factor, view, threshold):
     return jnp.ones((), g32.dtype)
   mean_sq = view.matrix_mean(jnp.square(g32 * row_factor * col_factor))
   return 1.0 / jnp.maximum(1.0, jnp.sqrt(mean_sq) / threshold)
-
-
-def row_col_means(g32, view):
-  """a = G 1_n / n (per row) and b = Gᵀ 1_m / m (per column)."""
-  return view.row_mean(g32), view.col_mean(g32)
 
 
 def init_row_col(params, views):
@@ -120,6 +170,7 @@ def scale_by_factored_rms(
     *,
     mu_dtype: Optional[DTypeLike] = None,
     views: matrix.ViewSpec = None,
+    fused_kernel: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adafactor-style factored second moment (docs/algorithms.md §1).
 
@@ -151,6 +202,9 @@ def scale_by_factored_rms(
       are float32 by default).
     views: per-leaf :class:`optax_fac.MatrixView` override (see
       :func:`optax_fac.matrix.resolve_views`).
+    fused_kernel: on NVIDIA GPUs, compute each matrix's row and column
+      statistics in one pass over G (:func:`row_col_statistics`); False
+      (default): XLA's two reductions. Same equations. Static.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -164,6 +218,8 @@ def scale_by_factored_rms(
   _common.check_nonnegative('eps', eps)
   _common.check_positive('clipping_threshold', clipping_threshold, allow_none=True)
   _common.moment_dtype(mu_dtype, 'scale_by_factored_rms: ')
+  _common.check_static_bool('fused_kernel', fused_kernel,
+                            'scale_by_factored_rms: ')
 
   def init_fn(params):
     _common.check_float_params(params, 'scale_by_factored_rms')
@@ -187,7 +243,10 @@ def scale_by_factored_rms(
 
     def one(g, row, col, mu, view):
       g32 = _common.f32(g)
-      row, col = factored_second_moment_update(g32, row, col, view, beta2, eps)
+      row, col = factored_second_moment_update(
+          *row_col_statistics(g, view, means=False, squares=True,
+                              fused_kernel=fused_kernel),
+          row, col, beta2, eps)
       if beta1 is None:
         numer, new_mu = g32, None
       else:
@@ -224,6 +283,7 @@ def scale_by_factored_momentum(
     *,
     sign: bool = False,
     views: matrix.ViewSpec = None,
+    fused_kernel: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rank-1 (row + column) momentum of H-Fac (docs/algorithms.md §2.4).
 
@@ -243,6 +303,9 @@ def scale_by_factored_momentum(
     b1: momentum decay β1 in [0, 1).
     sign: return the signFSGD direction instead of the heavy-ball one.
     views: per-leaf :class:`optax_fac.MatrixView` override.
+    fused_kernel: on NVIDIA GPUs, the row and column means of each matrix
+      in one pass over G (:func:`row_col_statistics`); False (default):
+      XLA's two reductions. Static.
 
   Returns:
     A transform with a :class:`FactoredMomentumState`: per (m, n) leaf a row
@@ -260,6 +323,8 @@ def scale_by_factored_momentum(
     Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
   """
   _common.check_unit_interval('b1', b1)
+  _common.check_static_bool('fused_kernel', fused_kernel,
+                            'scale_by_factored_momentum: ')
 
   def init_fn(params):
     _common.check_float_params(params, 'scale_by_factored_momentum')
@@ -279,7 +344,8 @@ def scale_by_factored_momentum(
 
     def one(g, u, v, view):
       g32 = _common.f32(g)
-      a, b = row_col_means(g32, view)
+      a, b = row_col_statistics(g, view, means=True, squares=False,
+                                fused_kernel=fused_kernel)
       u = _common.ema(u, a, beta)
       v = _common.ema(v, b, beta)
       u_hat = view.expand_rows(u - a)
@@ -316,6 +382,7 @@ def adafactor_momentum(
     fallback_eps: float = 1e-8,
     stack_leaves: compose.StackLeaves = True,
     mu_dtype: Optional[DTypeLike] = None,
+    fused_kernel: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Factored second moment with optional momentum (docs/algorithms.md §1).
 
@@ -346,6 +413,9 @@ def adafactor_momentum(
       fallback Adam's μ (not its ν); e.g. ``jnp.bfloat16`` saves 2 bytes
       per element. Read into float32 at each step and rounded when
       stored. None = float32 (optax: the parameter dtype).
+    fused_kernel: on NVIDIA GPUs, the matrices' row and column statistics
+      in one pass over each gradient (a Pallas kernel; not yet measured
+      against the default, XLA's reductions). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (Adafactor-style).
@@ -367,7 +437,8 @@ def adafactor_momentum(
   return compose.named_optimizer(
       compose.matrix_method(
           lambda v: scale_by_factored_rms(
-              b1, b2, eps, clipping_threshold, mu_dtype=mu_dtype, views=v),
+              b1, b2, eps, clipping_threshold, mu_dtype=mu_dtype, views=v,
+              fused_kernel=fused_kernel),
           views, stack_leaves),
       learning_rate=learning_rate, weight_decay=weight_decay,
       mask=mask, method_mask=method_mask, views=views,

@@ -42,6 +42,7 @@ def scale_by_hfac(
     clipping_threshold: Optional[float] = 1.0,
     *,
     views: matrix.ViewSpec = None,
+    fused_kernel: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""H-Fac: factored momentum plus factored second moment (docs/algorithms.md §2.1).
 
@@ -66,6 +67,10 @@ def scale_by_hfac(
       clipping.
     views: per-leaf :class:`optax_fac.MatrixView` override (ndim <= 1 leaves
       are seen as 1 x N rows).
+    fused_kernel: on NVIDIA GPUs, compute each matrix's row and column
+      statistics in one pass over G
+      (:func:`optax_fac.factored.row_col_statistics`); False (default):
+      XLA's reductions. Same equations. Static.
 
   Returns:
     A transform with an :class:`HfacState` (float32 u, r̄ of the row
@@ -87,6 +92,7 @@ def scale_by_hfac(
   _common.check_unit_interval('b2', b2)
   _common.check_nonnegative('eps', eps)
   _common.check_positive('clipping_threshold', clipping_threshold, allow_none=True)
+  _common.check_static_bool('fused_kernel', fused_kernel, 'scale_by_hfac: ')
 
   def init_fn(params):
     _common.check_float_params(params, 'scale_by_hfac')
@@ -106,11 +112,12 @@ def scale_by_hfac(
 
     def one(g, u, v, row, col, view):
       g32 = _common.f32(g)
-      a, b = factored.row_col_means(g32, view)
+      a, b, sq_rows, sq_cols = factored.row_col_statistics(
+          g, view, means=True, squares=True, fused_kernel=fused_kernel)
       u = _common.ema(u, a, beta1)
       v = _common.ema(v, b, beta1)
       row, col = factored.factored_second_moment_update(
-          g32, row, col, view, beta2, eps)
+          sq_rows, sq_cols, row, col, beta2, eps)
       k, l = factored.inverse_sqrt_factors(row, col, view)
       k = k * factored.clip_factor(g32, k, l, view, clipping_threshold)
       # r̄ = r / n and s̄ = s / m are stored (means, see factored.py).
@@ -132,11 +139,19 @@ def scale_by_sign_fsgd(
     b1: float = 0.9,
     *,
     views: matrix.ViewSpec = None,
+    fused_kernel: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""signFSGD direction (docs/algorithms.md §2.2).
 
   u ← β u + (1−β) a;  v ← β v + (1−β) b (plain EMAs);
   D = ½[sign(G + β (u − a) 1ᵀ) + sign(G + β 1 (v − b)ᵀ)].
+
+  Args:
+    b1: momentum decay β in [0, 1).
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+    fused_kernel: on NVIDIA GPUs, the row and column means of each matrix
+      in one pass over G (:func:`optax_fac.factored.row_col_statistics`);
+      False (default): XLA's two reductions. Static.
 
   .. note::
     The H-Fac paper names signFSGD but its listing is reconstructed here
@@ -145,7 +160,8 @@ def scale_by_sign_fsgd(
   References:
     Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
   """
-  return factored.scale_by_factored_momentum(b1, sign=True, views=views)
+  return factored.scale_by_factored_momentum(b1, sign=True, views=views,
+                                            fused_kernel=fused_kernel)
 
 
 def scale_by_lion_factor(
@@ -153,6 +169,7 @@ def scale_by_lion_factor(
     b2: float = 0.99,
     *,
     views: matrix.ViewSpec = None,
+    fused_kernel: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LionFactor direction (docs/algorithms.md §2.3): double-β factored momentum.
 
@@ -160,6 +177,14 @@ def scale_by_lion_factor(
   c_row = G + β1 (u − a) 1ᵀ;  c_col = G + β1 1 (v − b)ᵀ;
   D = ½[sign(c_row) + sign(c_col)];  then u ← β2 u + (1−β2) a,
   v ← β2 v + (1−β2) b.
+
+  Args:
+    b1: β1 in [0, 1), the interpolation of the sign argument.
+    b2: β2 in [0, 1), the momentum decay.
+    views: per-leaf :class:`optax_fac.MatrixView` override.
+    fused_kernel: on NVIDIA GPUs, the row and column means of each matrix
+      in one pass over G (:func:`optax_fac.factored.row_col_statistics`);
+      False (default): XLA's two reductions. Static.
 
   .. note::
     The paper names LionFactor ("double-β, like Lion"); the exact form here
@@ -172,6 +197,8 @@ def scale_by_lion_factor(
   """
   _common.check_unit_interval('b1', b1)
   _common.check_unit_interval('b2', b2)
+  _common.check_static_bool('fused_kernel', fused_kernel,
+                            'scale_by_lion_factor: ')
 
   def init_fn(params):
     _common.check_float_params(params, 'scale_by_lion_factor')
@@ -189,7 +216,8 @@ def scale_by_lion_factor(
 
     def one(g, u, v, view):
       g32 = _common.f32(g)
-      a, b = factored.row_col_means(g32, view)
+      a, b = factored.row_col_statistics(g, view, means=True, squares=False,
+                                         fused_kernel=fused_kernel)
       c_row = g32 + beta1 * view.expand_rows(u - a)
       c_col = g32 + beta1 * view.expand_cols(v - b)
       d = 0.5 * (jnp.sign(c_row) + jnp.sign(c_col))
@@ -222,6 +250,7 @@ def hfac(
     views: matrix.ViewSpec = None,
     fallback_eps: float = 1e-8,
     stack_leaves: compose.StackLeaves = True,
+    fused_kernel: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""H-Fac (docs/algorithms.md §2.1): factored momentum and second moment.
 
@@ -261,6 +290,9 @@ def hfac(
       64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
       kernels); an int: groups of at most that many bytes; False: leaf
       by leaf.
+    fused_kernel: on NVIDIA GPUs, the matrices' row and column statistics
+      in one pass over each gradient (a Pallas kernel; not yet measured
+      against the default, XLA's reductions). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is a few vectors
@@ -283,7 +315,8 @@ def hfac(
   """
   return compose.named_optimizer(
       compose.matrix_method(
-          lambda v: scale_by_hfac(b1, b2, eps, clipping_threshold, views=v),
+          lambda v: scale_by_hfac(b1, b2, eps, clipping_threshold, views=v,
+                                  fused_kernel=fused_kernel),
           views, stack_leaves),
       learning_rate=learning_rate, weight_decay=weight_decay,
       mask=mask, method_mask=method_mask, views=views,
@@ -301,6 +334,7 @@ def sign_fsgd(
     fallback_b2: float = 0.999,
     fallback_eps: float = 1e-8,
     stack_leaves: compose.StackLeaves = True,
+    fused_kernel: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""signFSGD (docs/algorithms.md §2.2): sign descent with factored momentum.
 
@@ -323,6 +357,9 @@ def sign_fsgd(
       64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
       kernels); an int: groups of at most that many bytes; False: leaf
       by leaf.
+    fused_kernel: on NVIDIA GPUs, the matrices' row and column statistics
+      in one pass over each gradient (a Pallas kernel; not yet measured
+      against the default, XLA's reductions). Static.
 
   Returns:
     The signFSGD ``optax.GradientTransformationExtraArgs``.
@@ -343,8 +380,9 @@ def sign_fsgd(
     Nguyen et al., `H-Fac <https://arxiv.org/abs/2406.09958>`_, AISTATS 2025.
   """
   return compose.named_optimizer(
-      compose.matrix_method(lambda v: scale_by_sign_fsgd(b1, views=v),
-                            views, stack_leaves),
+      compose.matrix_method(
+          lambda v: scale_by_sign_fsgd(b1, views=v, fused_kernel=fused_kernel),
+          views, stack_leaves),
       learning_rate=learning_rate, weight_decay=weight_decay,
       mask=mask, method_mask=method_mask, views=views,
       fallback=compose.adam_fallback(b1, fallback_b2, fallback_eps))
@@ -362,6 +400,7 @@ def lion_factor(
     fallback_b2: float = 0.999,
     fallback_eps: float = 1e-8,
     stack_leaves: compose.StackLeaves = True,
+    fused_kernel: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LionFactor (docs/algorithms.md §2.3): Lion's two βs, factored momentum.
 
@@ -385,6 +424,9 @@ def lion_factor(
       64 MiB (:func:`optax_fac.stack_leaves`; same updates, fewer
       kernels); an int: groups of at most that many bytes; False: leaf
       by leaf.
+    fused_kernel: on NVIDIA GPUs, the matrices' row and column statistics
+      in one pass over each gradient (a Pallas kernel; not yet measured
+      against the default, XLA's reductions). Static.
 
   Returns:
     The LionFactor optimizer, an ``optax.GradientTransformationExtraArgs``.
@@ -405,8 +447,10 @@ def lion_factor(
     Chen et al., `Lion <https://arxiv.org/abs/2302.06675>`_, 2023.
   """
   return compose.named_optimizer(
-      compose.matrix_method(lambda v: scale_by_lion_factor(b1, b2, views=v),
-                            views, stack_leaves),
+      compose.matrix_method(
+          lambda v: scale_by_lion_factor(b1, b2, views=v,
+                                         fused_kernel=fused_kernel),
+          views, stack_leaves),
       learning_rate=learning_rate, weight_decay=weight_decay,
       mask=mask, method_mask=method_mask, views=views,
       fallback=compose.adam_fallback(b1, fallback_b2, fallback_eps))

@@ -11,8 +11,8 @@ exact step needs (README, "Where the bytes go").
 :func:`row_col_means` reads each (bm, bn) tile of G once and writes the
 tile's row sums and column sums of the pre-scaled terms (G/n, G/m, (G/√n)²,
 (G/√m)²: partial means, which never exceed the largest entry, so nothing
-overflows; the scaling of :func:`optax_fac.factored.
-factored_second_moment_update`); the caller adds the partials. The tiles
+overflows; the scaling of :func:`optax_fac.factored.row_col_statistics`);
+the caller adds the partials. The tiles
 cover the largest multiple of the tile inside the matrix; the strips beyond
 it (the 5461-long sides of LLaMA-1B's MLP matrices: 21 tiles of 256 and 85
 columns) are reduced by XLA from slices, about 3% of those matrices' bytes
@@ -22,8 +22,12 @@ One call serves a group of same-shape leaves (the layers of a model): the
 grid's first axis is the member, each member's gradient a separate operand
 read where it lies (nothing stacked), as in :mod:`optax_fac.smmf_kernel`.
 
-Not yet used by the optimizers: its speed against XLA's two reductions on
-an NVIDIA GPU decides that, measured by ``scripts/check_row_col_kernel.py``.
+Used by :func:`optax_fac.factored.row_col_statistics` (the statistics of
+H-Fac, signFSGD, LionFactor and the factored second moment) with their
+``fused_kernel=True``, on NVIDIA GPUs; off by default until its speed
+against XLA's two reductions is measured (``scripts/check_row_col_kernel.py``
+times the statistics alone, ``scripts/bench_scale.py`` with a spec such as
+``hfac:fused_kernel=True`` the whole step).
 ``interpret=True`` runs the same kernel on any backend (the tests do, on
 CPU, against a float64 transcription).
 """
@@ -141,8 +145,8 @@ def row_col_means(gs, *, means: bool = True, squares: bool = False,
       number; calls of at most :data:`MAX_MEMBERS` members), read in place.
     means: compute a = G 1_n / n and b = Gᵀ 1_m / m.
     squares: compute the row and column means of G², as the sums of
-      (G/√n)² and (G/√m)² (:func:`optax_fac.factored.
-      factored_second_moment_update`'s overflow-safe form).
+      (G/√n)² and (G/√m)² (:func:`optax_fac.factored.row_col_statistics`'
+      overflow-safe form).
     interpret: run the kernel with Pallas' interpreter (any backend);
       otherwise it is lowered with Triton (NVIDIA GPUs).
 

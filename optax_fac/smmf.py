@@ -245,13 +245,8 @@ def _kernel_fits(lay: _Layout, momentum: bool, sign_bits: int) -> bool:
           and not matrix.explicit_mesh())
 
 
-def _on_nvidia_gpu(kernel, arrays, *args):
-  """``kernel(*args)`` where the step is lowered for CUDA, else ``arrays``.
-
-  Decided at lowering (``jax.lax.platform_dependent``): the kernel branch is
-  never lowered for other backends.
-  """
-  return jax.lax.platform_dependent(*args, cuda=kernel, default=arrays)
+# The CUDA-or-not choice (module-level, so tests can take the kernel branch).
+_on_nvidia_gpu = _common.on_nvidia_gpu
 
 
 def _kernel_group_step(members, lay: _Layout, fields, beta1, beta2, eps):

@@ -91,3 +91,94 @@ def test_bad_input_names_the_argument():
     row_col_kernel.row_col_means([jnp.ones((2, 32, 64))])
   with pytest.raises(ValueError, match='both False'):
     row_col_kernel.row_col_means([g], means=False)
+
+
+# --------------------------------------------------------------------------
+# The optimizers' fused_kernel=True path: the kernel branch taken on CPU,
+# the kernel interpreted, against the default path (XLA's reductions).
+
+import optax  # noqa: E402  pylint: disable=g-import-not-at-top
+import optax_fac  # noqa: E402  pylint: disable=g-import-not-at-top
+from optax_fac import factored  # noqa: E402  pylint: disable=g-import-not-at-top
+
+# A stacked group of three (64, 48) matrices and a (40, 72) one (tiled,
+# with strips), an (8, 8) matrix and a vector (not tiled: XLA's path).
+SHAPES = {'a0': (64, 48), 'a1': (64, 48), 'a2': (64, 48), 'b': (40, 72),
+          'c': (8, 8), 'v': (48,)}
+
+
+@pytest.fixture
+def kernel_everywhere(monkeypatch):
+  """The GPU branch on any backend, the kernel interpreted; returns the
+  member shapes the kernel was traced for."""
+  traced = []
+  means = row_col_kernel.row_col_means
+
+  def interpreted(gs, **kwargs):
+    traced.extend(tuple(g.shape) for g in gs)
+    return means(gs, interpret=True, **kwargs)
+
+  monkeypatch.setattr(row_col_kernel, 'row_col_means', interpreted)
+  monkeypatch.setattr(factored, '_on_nvidia_gpu',
+                      lambda kernel, arrays, *args: kernel(*args))
+  return traced
+
+
+@pytest.mark.parametrize('name,kwargs', [
+    ('hfac', {}), ('sign_fsgd', {}), ('lion_factor', {}),
+    ('adafactor_momentum', {}), ('adafactor_momentum', {'b1': None})])
+@pytest.mark.parametrize('stack_leaves', [True, False])
+def test_fused_kernel_matches_the_default(kernel_everywhere, name, kwargs,
+                                          stack_leaves):
+  """Three steps from the same state: the states agree to float32 rounding
+  (sums in another order), and so do the updates (the sign optimizers': a
+  sign may flip where its argument is at rounding level, so at most 0.1%
+  of the entries may differ)."""
+  make = optax_fac.NAMED_OPTIMIZERS[name]
+  keys = jax.random.split(jax.random.key(3), len(SHAPES))
+  params = {k: 0.1 * jax.random.normal(key, s)
+            for key, (k, s) in zip(keys, SHAPES.items())}
+  runs = []
+  for fused in (False, True):
+    tx = make(1e-2, stack_leaves=stack_leaves, fused_kernel=fused, **kwargs)
+    state, p = tx.init(params), params
+    step = jax.jit(tx.update)
+    updates = []
+    for t in range(3):
+      grads = jax.tree.map(lambda x, t=t: jnp.sin(7.0 * x + t) + 0.3, p)
+      u, state = step(grads, state, p)
+      p = optax.apply_updates(p, u)
+      updates.append(u)
+    runs.append((updates, state))
+  # The kernel saw the tiled matrices only (grouped or one by one).
+  assert set(kernel_everywhere) == {(64, 48), (40, 72)}
+  sign = name in ('sign_fsgd', 'lion_factor')
+  for u_ref, u_fused in zip(runs[0][0], runs[1][0]):
+    for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_fused)):
+      a, b = np.asarray(a), np.asarray(b)
+      if sign:
+        assert np.mean(~np.isclose(a, b, atol=1e-6)) <= 1e-3
+      else:
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(runs[0][1]), jax.tree.leaves(runs[1][1])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4,
+                               atol=1e-7)
+
+
+def test_fused_kernel_off_the_gpu_is_the_default_path():
+  """Without the GPU branch (CPU here), fused_kernel=True compiles XLA's
+  reductions: bit-identical steps."""
+  params = {'w': jnp.linspace(-1, 1, 64 * 48).reshape(64, 48)}
+  outs = []
+  for fused in (False, True):
+    tx = optax_fac.hfac(1e-2, fused_kernel=fused)
+    outs.append(jax.jit(tx.update)(params, tx.init(params), params))
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fused_kernel_must_be_a_bool():
+  with pytest.raises(ValueError, match='fused_kernel'):
+    optax_fac.scale_by_hfac(fused_kernel='yes')
+  with pytest.raises(ValueError, match='fused_kernel'):
+    optax_fac.sign_fsgd(1e-3, fused_kernel=1)
