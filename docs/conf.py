@@ -73,6 +73,7 @@ nitpick_ignore = [
     ('py:func', 'optax_fac.matrix.resolve_views'),
     ('py:func', 'optax_fac.matrix.square_shape'),
     ('py:func', 'optax_fac.smmf_kernel.smmf_group_step'),
+    ('py:func', 'optax_fac.factored.row_col_statistics'),
     ('py:func', 'optax_fac._common.tree_f32'),
     ('py:mod', 'optax_fac.matrix'),
     ('py:class', 'optax_fac.stacking.Groups'),

@@ -203,8 +203,9 @@ def scale_by_factored_rms(
     views: per-leaf :class:`optax_fac.MatrixView` override (see
       :func:`optax_fac.matrix.resolve_views`).
     fused_kernel: on NVIDIA GPUs, compute each matrix's row and column
-      statistics in one pass over G (:func:`row_col_statistics`); False
-      (default): XLA's two reductions. Same equations. Static.
+      statistics in one pass over G
+      (:func:`optax_fac.factored.row_col_statistics`); False (default):
+      XLA's two reductions. Same equations. Static.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -304,8 +305,8 @@ def scale_by_factored_momentum(
     sign: return the signFSGD direction instead of the heavy-ball one.
     views: per-leaf :class:`optax_fac.MatrixView` override.
     fused_kernel: on NVIDIA GPUs, the row and column means of each matrix
-      in one pass over G (:func:`row_col_statistics`); False (default):
-      XLA's two reductions. Static.
+      in one pass over G (:func:`optax_fac.factored.row_col_statistics`);
+      False (default): XLA's two reductions. Static.
 
   Returns:
     A transform with a :class:`FactoredMomentumState`: per (m, n) leaf a row

@@ -103,13 +103,20 @@ def time_ms(compiled, groups, steps, repeats):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--model', default='llama1b')
-  p.add_argument('--loop_steps', type=int, default=20)
-  p.add_argument('--repeats', type=int, default=3)
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--model', default='llama1b',
+                 choices=sorted(bench_scale.MODELS),
+                 help="the tree (scripts/bench_scale.py's models; default "
+                 '%(default)s)')
+  p.add_argument('--loop_steps', type=int, default=20,
+                 help='evaluations per timed call (default %(default)s)')
+  p.add_argument('--repeats', type=int, default=3,
+                 help='timed calls; the fastest is reported (default '
+                 '%(default)s)')
   p.add_argument('--interpret', action='store_true',
                  help="the kernel in Pallas' interpreter (a CPU smoke run)")
-  p.add_argument('--out', required=True)
+  p.add_argument('--out', required=True, help='the result JSON file')
   args = p.parse_args(argv)
   spec = groups_of(bench_scale.tree_shapes(args.model))
   key = iter(jax.random.split(jax.random.key(0), sum(b for _, b in spec)))
