@@ -36,7 +36,8 @@ full-depth program (``fit_check`` in the result).
 
 Optimizer specs are ``scripts/bench_scale.py``'s (``name`` or
 ``name:key=value``; ``adamw``, ``adafactor``, ``lion``, ``muon`` and
-``adamw_bf16m`` are optax's). ``--table`` prints a result file's table.
+``adamw_bf16m`` are optax's). ``--table`` prints the table of one or more
+result files.
 """
 
 from __future__ import annotations
@@ -411,23 +412,45 @@ def _failure(r) -> str:
   return text[:160].replace('|', '/')
 
 
-def table(path) -> str:
-  """A Markdown table of a result file."""
-  with open(path) as f:
-    doc = json.load(f)
-  rows = doc['rows']
-  if doc['mode'] == 'time':
+def table(*paths) -> str:
+  """A Markdown table of one or more result files of the same mode.
+
+  Time mode: a row per optimizer per file, each ratio to the adamw of its
+  own file (its run); with several files a ``run`` column names the file.
+  Fit mode: the files' rows one after another (they must share sizes and
+  dtypes).
+
+  Raises:
+    ValueError: no path, or files of different modes.
+  """
+  if not paths:
+    raise ValueError('table: give at least one result file')
+  docs = []
+  for path in paths:
+    with open(path) as f:
+      docs.append(json.load(f))
+  modes = {doc['mode'] for doc in docs}
+  if len(modes) != 1:
+    raise ValueError(f'table: files of different modes {sorted(modes)}: '
+                     f'{list(paths)}')
+  rows = [r for doc in docs for r in doc['rows']]
+  if docs[0]['mode'] == 'time':
+    several = len(paths) > 1
+    run = ' run |' if several else ''
     lines = ['| optimizer | step ms | × adamw | state | step peak GiB | '
-             'device peak GiB |', '|---|---:|---:|---:|---:|---:|']
-    for r in rows:
-      if r['status'] != 'ok':
-        lines.append(f"| {r['optimizer']} | {_failure(r)} | | | | |")
-        continue
-      lines.append(
-          f"| {r['optimizer']} | {r['device_ms']:.2f} | "
-          f"{r.get('device_vs_adamw', float('nan')):.3f} | "
-          f"{_size(r['state_bytes'])} | {_gib(r['step_peak_bytes'])} | "
-          f"{_gib(r.get('peak_bytes_in_use'))} |")
+             'device peak GiB |' + run,
+             '|---|---:|---:|---:|---:|---:|' + ('---|' if several else '')]
+    for path, doc in zip(paths, docs):
+      cell = f' `{os.path.basename(path)}` |' if several else ''
+      for r in doc['rows']:
+        if r['status'] != 'ok':
+          lines.append(f"| {r['optimizer']} | {_failure(r)} | | | | |" + cell)
+          continue
+        lines.append(
+            f"| {r['optimizer']} | {r['device_ms']:.2f} | "
+            f"{r.get('device_vs_adamw', float('nan')):.3f} | "
+            f"{_size(r['state_bytes'])} | {_gib(r['step_peak_bytes'])} | "
+            f"{_gib(r.get('peak_bytes_in_use'))} |" + cell)
     return '\n'.join(lines)
   keys = list(next((r['sizes'] for r in rows if r['status'] == 'ok'), {}))
   if not keys:
@@ -503,7 +526,8 @@ def parse_args(argv=None):
                  help='seconds before a worker is killed (its row then says '
                  'its last phase)')
   p.add_argument('--out', default=None, help='the result JSON file')
-  p.add_argument('--table', default=None, help='print this file\'s table')
+  p.add_argument('--table', nargs='+', default=None,
+                 help="print these files' table (one mode)")
   p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.mode == 'time' and args.parallel != 1:
@@ -516,7 +540,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.table:
-    print(table(args.table))
+    print(table(*args.table))
     return 0
   if args.worker:
     return run_worker(args)

@@ -1,7 +1,7 @@
 """The one-pass row + column statistics kernel against XLA's, on the GPU.
 
     python scripts/check_row_col_kernel.py --model=llama1b \\
-        --out=results/bench_scale/row_col_kernel_llama1b.json
+        --out=results/row_col_kernel/llama1b.json
 
 On the matrices of a GaLore LLaMA tree (scripts/bench_scale.py's, float32),
 grouped as ``optax_fac.stack_leaves`` groups them by default (same shape, at

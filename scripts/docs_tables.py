@@ -62,8 +62,10 @@ MODELS = (
 RECIPE_CONFIG = os.path.join('configs', 'c4_llama_60m.py')
 BENCH_GLOB = os.path.join('results', 'bench_scale', '*.json')
 # scripts/bench_train_step.py's runs: the 350M training step, the fit table.
-TRAIN_STEP = os.path.join('results', 'bench_train_step', 'llama350m_time.json')
-FIT = os.path.join('results', 'bench_train_step', 'fit_1b_3b_7b.json')
+TRAIN_STEP = [os.path.join('results', 'bench_train_step', name)
+              for name in ('llama350m_time.json', 'llama350m_time_rest.json')]
+FIT = [os.path.join('results', 'bench_train_step', name)
+       for name in ('fit_1b_3b_7b.json', 'fit_1b_3b_7b_rest.json')]
 BENCH_MODEL = 'llama1b'  # the rows of results/bench_scale the guide shows
 # (title, summary.json) of the committed training runs.
 CONVERGENCE = (
@@ -366,8 +368,9 @@ def render():
            block('bench-1b', bench),
            block('bench-notes', notes),
            block('train-step', bench_train_step.table(
-               os.path.join(ROOT, TRAIN_STEP))),
-           block('fit', bench_train_step.table(os.path.join(ROOT, FIT)))]
+               *(os.path.join(ROOT, p) for p in TRAIN_STEP))),
+           block('fit', bench_train_step.table(
+               *(os.path.join(ROOT, p) for p in FIT)))]
   setup, table = sweep_table()
   parts += [block('sweep-setup', setup), block('sweep', table)]
   for i, (title, path) in enumerate(CONVERGENCE):

@@ -469,6 +469,35 @@ def test_fit_table_names_the_largest_fitting_model(tmp_path):
   assert lines[4] == '| big | 200.0 ✗ | 900.0 ✗ | none |  |'
 
 
+def test_train_step_table_of_several_runs(tmp_path):
+  """bench_train_step --table with two time files: each row keeps its own
+  run's ratio and names its file; files of different modes are refused."""
+  import bench_train_step  # pylint: disable=import-outside-toplevel
+
+  def row(name, ms, ratio):
+    return {'optimizer': name, 'status': 'ok', 'device_ms': ms,
+            'device_vs_adamw': ratio, 'state_bytes': 2 ** 30,
+            'step_peak_bytes': 2 ** 31, 'peak_bytes_in_use': 2 ** 31}
+
+  first, second, fit = (tmp_path / n for n in ('a.json', 'b.json', 'f.json'))
+  first.write_text(json.dumps({'mode': 'time', 'rows': [
+      row('adamw', 100.0, 1.0), row('hfac', 99.0, 0.99)]}))
+  second.write_text(json.dumps({'mode': 'time', 'rows': [
+      row('adamw', 110.0, 1.0), row('smmf', 121.0, 1.1)]}))
+  fit.write_text(json.dumps({'mode': 'fit', 'rows': []}))
+  lines = bench_train_step.table(str(first), str(second)).splitlines()
+  assert lines[0].endswith('| run |') and lines[1].endswith('---:|---|')
+  assert lines[3] == ('| hfac | 99.00 | 0.990 | 1.0 GiB | 2.0 | 2.0 | '
+                      '`a.json` |')
+  assert lines[5] == ('| smmf | 121.00 | 1.100 | 1.0 GiB | 2.0 | 2.0 | '
+                      '`b.json` |')
+  assert 'run' not in bench_train_step.table(str(first)).splitlines()[0]
+  with pytest.raises(ValueError, match='different modes'):
+    bench_train_step.table(str(first), str(fit))
+  with pytest.raises(ValueError, match='at least one'):
+    bench_train_step.table()
+
+
 @pytest.mark.slow  # a subprocess with Pallas' interpreter: ~15 s
 def test_row_col_kernel_check_runs_on_cpu(tmp_path):
   """scripts/check_row_col_kernel.py on the tiny tree, the kernel
