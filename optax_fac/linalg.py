@@ -90,6 +90,42 @@ def unbatched_on_cpu(decompose, x: jax.Array):
   return lax.platform_dependent(x, cpu=loop, default=decompose)
 
 
+def in_chunks(fn, xs: tuple, max_bytes: int):
+  """``fn(*xs)`` over the leading (batch) axis, a chunk of matrices at a time.
+
+  A refresh decomposes every same-size matrix of the model in one batched
+  call; on a 1B-parameter tree that batch (170 matrices of 2048 x 2048,
+  2.9 GB in float32) and the buffers derived from it (the eigenvectors, the
+  sign-fixed and completed bases) are each as large, and they live
+  together: several GiB of temporary memory. ``in_chunks`` runs ``fn`` on
+  chunks of ``c`` matrices in a ``lax.map`` (one chunk's buffers live at a
+  time), ``c`` the largest divisor of the batch B with ``c`` x (bytes of
+  one ``xs[0]`` matrix) <= ``max_bytes`` (1 if none is), so nothing is
+  padded.
+
+  Args:
+    fn: batched arrays (c, ...) -> a pytree of batched arrays (c, ...);
+      each output row may depend only on the same row of the inputs (a
+      batched decomposition) for the result to be the chunking's.
+    xs: arrays with the same leading B.
+    max_bytes: the largest chunk of ``xs[0]``, in bytes (> 0).
+
+  Returns:
+    ``fn(*xs)``'s pytree, batch B. ``fn(*xs)`` itself when the whole batch
+    is within ``max_bytes`` or under an explicit mesh (``lax.map`` cannot
+    scan a sharded axis there).
+  """
+  b = xs[0].shape[0]
+  item = xs[0].dtype.itemsize * math.prod(xs[0].shape[1:])
+  if b * item <= max_bytes or matrix.explicit_mesh():
+    return fn(*xs)
+  c = max(d for d in range(1, b + 1) if b % d == 0 and
+          (d == 1 or d * item <= max_bytes))
+  chunked = tuple(matrix.reshape(x, (b // c, c) + x.shape[1:]) for x in xs)
+  out = lax.map(lambda args: fn(*args), chunked)
+  return jax.tree.map(lambda o: matrix.reshape(o, (b,) + o.shape[2:]), out)
+
+
 def over_devices(decompose, x: jax.Array, mesh: Optional[jax.sharding.Mesh]):
   """``decompose(x)`` for a (B, ...) batch, each device of ``mesh`` taking
   its share.

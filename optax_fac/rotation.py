@@ -55,6 +55,10 @@ BASES = ('eigh', 'svd', 'identity')
 CARRIES = ('keep', 'rotate')
 BASIS_SOURCES = ('gradient', 'ema_gram')
 DEFAULT_GRAM_DECAY = 0.95  # SOAP's default shampoo_beta (= its β2, 0.95)
+# A refresh decomposes same-size matrices in chunks of at most this many bytes
+# (linalg.in_chunks): one chunk's decomposition buffers live at a time, not
+# the whole model's (16 matrices of 2048 x 2048 float32 in a chunk).
+REFRESH_CHUNK_BYTES = 256 * 2 ** 20
 
 
 class SvdRotationState(NamedTuple):
@@ -354,10 +358,20 @@ def _eigh_groups(requests, split=None):
     rtols = {it[2] for it in items}
     rtol = (rtols.pop() if len(rtols) == 1 else np.concatenate(
         [np.full(g.shape[0], r, stacked.dtype) for _, g, r, _, _ in items]))
-    lam, vecs = linalg.over_devices(eigh_descending, stacked, split)
-    vecs, rank = linalg.canonical_basis(vecs, lam, rtol)
+
+    def decompose(grams, rtol):
+      lam, vecs = linalg.over_devices(eigh_descending, grams, split)
+      vecs, rank = linalg.canonical_basis(vecs, lam, rtol)
+      return vecs, rank, jnp.max(lam, axis=-1)
+
+    if split is None:  # split: each device already decomposes its share only
+      rtol = jnp.broadcast_to(jnp.asarray(rtol, stacked.dtype),
+                              stacked.shape[:1])
+      vecs, rank, top = linalg.in_chunks(decompose, (stacked, rtol),
+                                         REFRESH_CHUNK_BYTES)
+    else:
+      vecs, rank, top = decompose(stacked, rtol)
     ok = _all_finite(vecs) & _all_finite(stacked)
-    top = jnp.max(lam, axis=-1)
     start = 0
     for key, g, _, scale, bnd in items:
       stop = start + g.shape[0]
@@ -410,15 +424,29 @@ def _new_bases(xs, plans, basis, split=None):
     for items in groups.values():
       mats = [it[1] for it in items]
       stacked = mats[0] if len(mats) == 1 else jnp.concatenate(mats, 0)
-      u, s, v = linalg.over_devices(lambda a: svd_vectors(a, False),
-                                    stacked, split)
-      lam, rtol = s * s, _rtol(plans[items[0][0]], stacked.dtype)
+      rtol = _rtol(plans[items[0][0]], stacked.dtype)
+      wanted = [side for side in ('left', 'right')
+                if any(getattr(plans[i], side) for i, *_ in items)]
+
+      def decompose(mats):
+        u, s, v = linalg.over_devices(lambda a: svd_vectors(a, False),
+                                      mats, split)
+        lam = s * s
+        vecs = {'left': u, 'right': v}
+        bases = {side: linalg.canonical_basis(vecs[side], lam, rtol)
+                 for side in wanted}
+        return bases, lam
+
+      if split is None:  # split: each device already decomposes its share
+        bases, lam = linalg.in_chunks(decompose, (stacked,),
+                                      REFRESH_CHUNK_BYTES)
+      else:
+        bases, lam = decompose(stacked)
       ok = _all_finite(stacked)
       sides, ranks = {}, {}
-      for side, vecs in (('left', u), ('right', v)):
-        if any(getattr(plans[i], side) for i, *_ in items):
-          sides[side], ranks[side] = linalg.canonical_basis(vecs, lam, rtol)
-          ok = ok & _all_finite(sides[side])
+      for side in wanted:
+        sides[side], ranks[side] = bases[side]
+        ok = ok & _all_finite(sides[side])
       start = 0
       for i, a, scale, bounds in items:
         stop = start + a.shape[0]

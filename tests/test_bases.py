@@ -254,3 +254,64 @@ def test_scale_to_unit_max():
   np.testing.assert_array_equal(y[0], 0.0)
   np.testing.assert_allclose(y[1], [[1 / 3, -1.0], [2 / 3e18, 0.0]], rtol=1e-6)
   assert not np.all(np.isfinite(y[2]))   # non-finite stays non-finite
+
+
+# --------------------------------------------------------------------------
+# A refresh decomposes same-size matrices a chunk at a time
+# (rotation.REFRESH_CHUNK_BYTES, linalg.in_chunks).
+
+
+def test_in_chunks_picks_the_largest_dividing_chunk():
+  seen = []
+
+  def fn(x, y):
+    seen.append(x.shape)
+    return {'sum': x.sum(axis=(1, 2)) + y, 'x': 2 * x}
+
+  for b, max_bytes, chunk in ((6, 40, 2), (7, 40, 1), (6, 10 ** 6, 6),
+                              (6, 8, 1)):
+    seen.clear()
+    x = jnp.arange(b * 4, dtype=jnp.float32).reshape(b, 2, 2)  # 16 B each
+    y = jnp.arange(b, dtype=jnp.float32)
+    out = linalg.in_chunks(fn, (x, y), max_bytes)
+    assert seen == [(chunk, 2, 2)], (b, max_bytes, seen)
+    np.testing.assert_array_equal(out['sum'], x.sum(axis=(1, 2)) + y)
+    np.testing.assert_array_equal(out['x'], 2 * x)
+
+
+@pytest.mark.parametrize('basis', ['eigh', 'svd'])
+def test_chunked_refresh_equals_the_whole_batch(basis, monkeypatch):
+  """Six same-size matrices (two of them rank-deficient, so the canonical
+  completion runs) refreshed in chunks of a few matrices give the updates
+  and bases of one batched refresh."""
+  from optax_fac import rotation  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(7)
+  shapes = {f'w{i}': (8, 6) for i in range(6)}
+  shapes['b'] = (8,)
+
+  def grads(t):
+    g = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    if t >= 3:
+      g['w0'], g['w1'] = _low_rank(rng, (8, 6), 1), _low_rank(rng, (8, 6), 2)
+    return g
+
+  steps = [grads(t) for t in range(1, 6)]
+
+  def run(chunk_bytes):
+    monkeypatch.setattr(rotation, 'REFRESH_CHUNK_BYTES', chunk_bytes)
+    tx = optax_fac.svd_rotation(optax.scale_by_adam(), sides='two', every=2,
+                                basis=basis, precision='highest')
+    update = jax.jit(tx.update)
+    jaxpr = str(jax.make_jaxpr(tx.update)(steps[0], tx.init(steps[0])))
+    state, outs = tx.init(jax.tree.map(jnp.zeros_like, steps[0])), []
+    for g in steps:
+      u, state = update(g, state)
+      outs.append(jax.tree.map(np.asarray, (u, state)))
+    return outs, jaxpr.count('scan')
+
+  whole, scans_whole = run(2 ** 40)
+  chunked, scans_chunked = run(2 * 8 * 8 * 4)  # 2 Gram (or 8 x 6) matrices
+  assert scans_chunked > scans_whole  # the chunks are a lax.map
+  for t, (a, b) in enumerate(zip(whole, chunked)):
+    jax.tree.map(lambda x, y, t=t: np.testing.assert_array_equal(
+        x, y, err_msg=f'step {t + 1}'), a, b)
