@@ -114,6 +114,21 @@ def in_chunks(fn, xs: tuple, max_bytes: int):
     ``fn(*xs)``'s pytree, batch B. ``fn(*xs)`` itself when the whole batch
     is within ``max_bytes`` or under an explicit mesh (``lax.map`` cannot
     scan a sharded axis there).
+
+  Example: six 2 x 2 float32 matrices (16 bytes each) with at most 40
+  bytes a chunk run as three chunks of two:
+
+  >>> import jax.numpy as jnp
+  >>> from optax_fac import linalg
+  >>> x = jnp.arange(24.0).reshape(6, 2, 2)
+  >>> seen = []
+  >>> def traces(x):
+  ...   seen.append(x.shape)
+  ...   return x.sum(axis=(1, 2))
+  >>> linalg.in_chunks(traces, (x,), max_bytes=40)
+  Array([ 6., 22., 38., 54., 70., 86.], dtype=float32)
+  >>> seen
+  [(2, 2, 2)]
   """
   b = xs[0].shape[0]
   item = xs[0].dtype.itemsize * math.prod(xs[0].shape[1:])
