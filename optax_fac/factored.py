@@ -415,11 +415,9 @@ def adafactor_momentum(
       per element. Read into float32 at each step and rounded when
       stored. None = float32 (optax: the parameter dtype).
     fused_kernel: on NVIDIA GPUs, the matrices' row and column statistics
-      in one pass over each gradient (a Pallas kernel). Off by default: on
-      an H200 at LLaMA-1B it was no faster (signFSGD, LionFactor,
-      Adafactor) or slower (H-Fac: 1.19x against 1.04x an AdamW step) than
-      XLA's two reductions (README, "The fused row + column statistics
-      kernel, measured"). Static.
+      in one pass over each gradient (a Pallas kernel). Off by default:
+      measured, it was no faster than XLA's two reductions, or slower
+      (the numbers: ``optax_fac/row_col_kernel.py``). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (Adafactor-style).

@@ -291,11 +291,9 @@ def hfac(
       kernels); an int: groups of at most that many bytes; False: leaf
       by leaf.
     fused_kernel: on NVIDIA GPUs, the matrices' row and column statistics
-      in one pass over each gradient (a Pallas kernel). Off by default: on
-      an H200 at LLaMA-1B it was no faster (signFSGD, LionFactor,
-      Adafactor) or slower (H-Fac: 1.19x against 1.04x an AdamW step) than
-      XLA's two reductions (README, "The fused row + column statistics
-      kernel, measured"). Static.
+      in one pass over each gradient (a Pallas kernel). Off by default:
+      measured, it was no faster than XLA's two reductions, or slower
+      (the numbers: ``optax_fac/row_col_kernel.py``). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is a few vectors
@@ -361,11 +359,9 @@ def sign_fsgd(
       kernels); an int: groups of at most that many bytes; False: leaf
       by leaf.
     fused_kernel: on NVIDIA GPUs, the matrices' row and column statistics
-      in one pass over each gradient (a Pallas kernel). Off by default: on
-      an H200 at LLaMA-1B it was no faster (signFSGD, LionFactor,
-      Adafactor) or slower (H-Fac: 1.19x against 1.04x an AdamW step) than
-      XLA's two reductions (README, "The fused row + column statistics
-      kernel, measured"). Static.
+      in one pass over each gradient (a Pallas kernel). Off by default:
+      measured, it was no faster than XLA's two reductions, or slower
+      (the numbers: ``optax_fac/row_col_kernel.py``). Static.
 
   Returns:
     The signFSGD ``optax.GradientTransformationExtraArgs``.
@@ -431,11 +427,9 @@ def lion_factor(
       kernels); an int: groups of at most that many bytes; False: leaf
       by leaf.
     fused_kernel: on NVIDIA GPUs, the matrices' row and column statistics
-      in one pass over each gradient (a Pallas kernel). Off by default: on
-      an H200 at LLaMA-1B it was no faster (signFSGD, LionFactor,
-      Adafactor) or slower (H-Fac: 1.19x against 1.04x an AdamW step) than
-      XLA's two reductions (README, "The fused row + column statistics
-      kernel, measured"). Static.
+      in one pass over each gradient (a Pallas kernel). Off by default:
+      measured, it was no faster than XLA's two reductions, or slower
+      (the numbers: ``optax_fac/row_col_kernel.py``). Static.
 
   Returns:
     The LionFactor optimizer, an ``optax.GradientTransformationExtraArgs``.

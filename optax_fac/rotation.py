@@ -57,7 +57,8 @@ BASIS_SOURCES = ('gradient', 'ema_gram')
 DEFAULT_GRAM_DECAY = 0.95  # SOAP's default shampoo_beta (= its β2, 0.95)
 # A refresh decomposes same-size matrices in chunks of at most this many bytes
 # (linalg.in_chunks): one chunk's decomposition buffers live at a time, not
-# the whole model's (16 matrices of 2048 x 2048 float32 in a chunk).
+# the whole model's (room for 16 float32 matrices of 2048 x 2048; the chunk
+# divides the batch: 10 of LLaMA-1B's 170).
 REFRESH_CHUNK_BYTES = 256 * 2 ** 20
 
 
@@ -338,6 +339,14 @@ def _rtol(plan: _Plan, dtype) -> float:
   return linalg.rank_rtol(plan.m, plan.n, dtype)
 
 
+def _decompose_batch(fn, xs: tuple, split):
+  """``fn(*xs)`` for a refresh's batch: in chunks of REFRESH_CHUNK_BYTES, or,
+  with the mesh ``split``, whole (``fn`` splits it over the devices)."""
+  if split is not None:
+    return fn(*xs)
+  return linalg.in_chunks(fn, xs, REFRESH_CHUNK_BYTES)
+
+
 def _eigh_groups(requests, split=None):
   """Batched canonical eigenbases of Gram matrices, grouped by size.
 
@@ -355,8 +364,7 @@ def _eigh_groups(requests, split=None):
   for items in groups.values():
     grams = [it[1] for it in items]
     stacked = grams[0] if len(grams) == 1 else jnp.concatenate(grams, 0)
-    rtols = {it[2] for it in items}
-    rtol = (rtols.pop() if len(rtols) == 1 else np.concatenate(
+    rtol = jnp.asarray(np.concatenate(
         [np.full(g.shape[0], r, stacked.dtype) for _, g, r, _, _ in items]))
 
     def decompose(grams, rtol):
@@ -364,13 +372,7 @@ def _eigh_groups(requests, split=None):
       vecs, rank = linalg.canonical_basis(vecs, lam, rtol)
       return vecs, rank, jnp.max(lam, axis=-1)
 
-    if split is None:  # split: each device already decomposes its share only
-      rtol = jnp.broadcast_to(jnp.asarray(rtol, stacked.dtype),
-                              stacked.shape[:1])
-      vecs, rank, top = linalg.in_chunks(decompose, (stacked, rtol),
-                                         REFRESH_CHUNK_BYTES)
-    else:
-      vecs, rank, top = decompose(stacked, rtol)
+    vecs, rank, top = _decompose_batch(decompose, (stacked, rtol), split)
     ok = _all_finite(vecs) & _all_finite(stacked)
     start = 0
     for key, g, _, scale, bnd in items:
@@ -437,11 +439,7 @@ def _new_bases(xs, plans, basis, split=None):
                  for side in wanted}
         return bases, lam
 
-      if split is None:  # split: each device already decomposes its share
-        bases, lam = linalg.in_chunks(decompose, (stacked,),
-                                      REFRESH_CHUNK_BYTES)
-      else:
-        bases, lam = decompose(stacked)
+      bases, lam = _decompose_batch(decompose, (stacked,), split)
       ok = _all_finite(stacked)
       sides, ranks = {}, {}
       for side in wanted:
@@ -683,8 +681,8 @@ def svd_rotation(
   tree, with same-size decompositions batched (in chunks of at most
   ``REFRESH_CHUNK_BYTES``, so one chunk's buffers live at a time). So every
   T steps one step decomposes every matrix (on LLaMA-1B: 5.4 s on an H200,
-  against 69 ms for a non-refresh step; 26 s before the chunking). ``stagger=True`` spreads that work over the period
-  [decided; not in the paper]: the r-th of the R rotated leaves (in tree
+  against 69 ms for a non-refresh step). ``stagger=True`` spreads that work
+  over the period [decided; not in the paper]: the r-th of the R rotated leaves (in tree
   order; a stacked group counts as one leaf) refreshes at t = 1 and at
   t = 1 + o_r + kT (k >= 0, o_r = ⌊rT/R⌋), each leaf under its own
   ``lax.cond``, so after the first step a step decomposes about R/T leaves.
