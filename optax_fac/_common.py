@@ -385,6 +385,15 @@ def resolve_mask(name: str, mask: Any, params: Any) -> Any:
   if mask is None:
     return jax.tree.map(lambda _: True, params, is_leaf=is_masked)
   tree = mask(params) if matrix.is_tree_function(mask) else mask
+
+  def check(path, m):  # a bool, not anything truthy (``...``, a string)
+    if not (is_masked(m) or isinstance(m, (bool, np.bool_)) or (
+        getattr(m, 'dtype', None) == np.bool_ and np.ndim(m) == 0)):
+      raise ValueError(
+          f'{name}: a mask holds bools, got {m!r} at '
+          f'{jax.tree_util.keystr(path) or "the root"}.')
+
+  jax.tree_util.tree_map_with_path(check, tree, is_leaf=is_masked)
   try:
     return jax.tree.map(
         lambda m, p: jax.tree.map(lambda _: bool(m), p, is_leaf=is_masked),

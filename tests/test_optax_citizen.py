@@ -244,6 +244,20 @@ def test_mask_tree_missing_a_leaf_names_the_argument(name):
       tx.init(p)
 
 
+@pytest.mark.parametrize('name', NAMED)
+def test_mask_that_is_not_bools_names_the_argument_and_leaf(name):
+  """``...``, a string or an int is truthy but not a mask: refused, not read
+  as True (which would give every leaf the method)."""
+  p, _ = params_and_grads()
+  for arg in ('mask', 'method_mask'):
+    for bad, where in ((..., 'the root'), ('x', 'the root'),
+                       ({'w': True, 'b': 1}, r"\['b'\]")):
+      tx = getattr(optax_fac, name)(1e-3, weight_decay=0.1, **{arg: bad})
+      with pytest.raises(ValueError, match=rf'{arg}: a mask holds bools.*'
+                         rf'{where}'):
+        tx.init(p)
+
+
 # --------------------------------------------------------------------------
 # 5. Zero-size leaves.
 
