@@ -110,6 +110,9 @@ def in_chunks(fn, xs: tuple, max_bytes: int):
     xs: arrays with the same leading B.
     max_bytes: the largest chunk of ``xs[0]``, in bytes (> 0).
 
+  Raises:
+    ValueError: ``max_bytes`` not a positive int.
+
   Returns:
     ``fn(*xs)``'s pytree, batch B. ``fn(*xs)`` itself when the whole batch
     is within ``max_bytes`` or under an explicit mesh (``lax.map`` cannot
@@ -130,6 +133,10 @@ def in_chunks(fn, xs: tuple, max_bytes: int):
   >>> seen
   [(2, 2, 2)]
   """
+  if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or (
+      max_bytes <= 0):
+    raise ValueError(f'in_chunks: max_bytes must be a positive int (bytes), '
+                     f'got {max_bytes!r}.')
   b = xs[0].shape[0]
   item = xs[0].dtype.itemsize * math.prod(xs[0].shape[1:])
   if b * item <= max_bytes or matrix.explicit_mesh():

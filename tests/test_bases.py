@@ -277,6 +277,9 @@ def test_in_chunks_picks_the_largest_dividing_chunk():
     assert seen == [(chunk, 2, 2)], (b, max_bytes, seen)
     np.testing.assert_array_equal(out['sum'], x.sum(axis=(1, 2)) + y)
     np.testing.assert_array_equal(out['x'], 2 * x)
+  for bad in (0, -5, 2.5, True):
+    with pytest.raises(ValueError, match='max_bytes must be a positive int'):
+      linalg.in_chunks(fn, (x, y), bad)
 
 
 @pytest.mark.parametrize('basis', ['eigh', 'svd'])
